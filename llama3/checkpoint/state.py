@@ -1,0 +1,128 @@
+"""The canonical state dict and its strict loading into a ``Transformer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import Transformer, rope_table
+
+
+@dataclass
+class GGMLTensor:
+    """A GGUF tensor still in its file encoding (``data``: raw blocks, memory-mapped), shape in torch order."""
+
+    name: str
+    ggml_type: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def type_name(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.ggml_type).name
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 tensor of ``shape`` (the reference expansion, by the ``gguf`` package)."""
+        from gguf import quants
+
+        try:
+            values = quants.dequantize(self.data, self.ggml_type)
+        except NotImplementedError as exc:
+            raise CheckpointError(f"tensor {self.name}: cannot dequantize type {self.type_name}: {exc}") from None
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
+
+StateDict = dict[str, Union[torch.Tensor, GGMLTensor]]
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter names and shapes for ``config`` (tied models have no ``output.weight``)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["output.weight"]
+    return shapes
+
+
+def check_state(config: ModelConfig, state: StateDict, source: str) -> None:
+    """Raise ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{source}: checkpoint does not match its config ({'; '.join(parts)})")
+    for name, shape in shapes.items():
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(got)}, config expects {list(shape)}")
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def build_model(
+    config: ModelConfig,
+    state: StateDict,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    source: str = "checkpoint",
+) -> Transformer:
+    """Instantiate a ``Transformer`` from a canonical state dict, strictly (every tensor used, none missing).
+
+    With ``quantize="auto"``, GGUF linear weights whose encoding has a fast kernel stay quantized
+    (``llama3.quant``); everything else is expanded to ``dtype``.
+    """
+    if quantize not in (None, "auto"):
+        raise CheckpointError(f"unknown quantize mode {quantize!r} (expected 'auto' or None)")
+    check_state(config, state, source)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(config)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        module_name = name.removesuffix(".weight")
+        if isinstance(value, GGMLTensor):
+            module = model.get_submodule(module_name)
+            if quantize == "auto" and isinstance(module, nn.Linear):
+                from ..quant import quantized_linear
+
+                qlinear = quantized_linear(value, dtype=dtype, device=device)
+                if qlinear is not None:
+                    _set_module(model, module_name, qlinear)
+                    continue
+            value = value.dequantize()
+        tensors[name] = value.to(device=device, dtype=dtype)
+
+    # Quantized modules own their weights; load the rest strictly, allocating nothing twice (assign=True).
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (config.tie_embeddings and k == "output.weight")]
+    missing = [k for k in missing if k.removesuffix(".weight") not in _quantized_modules(model)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{source}: internal layout mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+    if config.tie_embeddings and isinstance(model.output, nn.Linear):
+        model.output.weight = model.tok_embeddings.weight
+    model.rope = rope_table(config, min(config.max_seq_len, 2048), device)
+    return model.eval()
+
+
+def _quantized_modules(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if getattr(m, "is_quantized", False)}

@@ -1,0 +1,235 @@
+"""The Llama 3 transformer in pure PyTorch: no file I/O, no device choice, one forward for every use.
+
+Canonical weight layout is Meta's: parameter names ``tok_embeddings``, ``layers.N.attention.wq`` ...,
+and q/k rows in the *interleaved* rotary layout (pairs ``(2i, 2i+1)`` of each head rotate together).
+Loaders convert every other format into this layout, so the model has exactly one RoPE code path.
+
+Shapes in comments: B batch, T new tokens, S cache length, H query heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Per-pair inverse frequencies ``theta^(-2i/D)`` (float64 for exact tables), with Llama 3.1 scaling."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if scaling is None:
+        return freqs
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band between is interpolated.
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor, interpolated)
+    return torch.where(wavelen < high_wavelen, freqs, scaled)
+
+
+def rope_table(config: ModelConfig, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """cos/sin for positions ``0..length-1``: float32 tensor of shape (length, D/2, 2)."""
+    # Meta computes the tables in float32; doing the same keeps logits bit-comparable.
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).float()
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, heads, D) by the per-position table (B or 1, T, D/2, 2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, D/2, 2)
+    cos, sin = table[..., 0].unsqueeze(2), table[..., 1].unsqueeze(2)  # (B, T, 1, D/2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as Meta does, then scale in x's dtype.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers allocated once, so decode steps have fixed shapes (torch.compile-friendly)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, K, D) at per-row positions (B, T); return the first B rows of the cache."""
+        bsz = k.shape[0]
+        rows = torch.arange(bsz, device=k.device).unsqueeze(1)  # (B, 1) broadcasts against positions
+        # Advanced indices around a slice index the (B, T) grid and leave (K, D) in place.
+        self.k[rows, :, positions] = k.to(self.k.dtype)
+        self.v[rows, :, positions] = v.to(self.v.dtype)
+        return self.k[:bsz], self.v[:bsz]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_len: int | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.cache is not None:
+            keys, values = self.cache.update(positions, k, v)  # (B, K, S, D)
+            if kv_len is not None:
+                keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        # Grouped-query attention: kv head j serves query heads j*n_rep .. j*n_rep+n_rep-1.
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            keys = keys.repeat_interleave(n_rep, dim=1)
+            values = values.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, rope, positions, mask, kv_len):
+        h = x + self.attention(self.attention_norm(x), rope, positions, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama 3 decoder. ``forward(tokens, start_pos)`` returns float32 logits for every position, as Meta's."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Grown on demand (setup_cache / forward); a 128k-context table up front would waste memory.
+        self.register_buffer("rope", rope_table(config, min(config.max_seq_len, 2048)), persistent=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV cache once for ``max_batch_size`` rows of ``max_seq_len`` positions."""
+        device = self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
+        if max_seq_len > self.rope.shape[0]:
+            self.rope = rope_table(self.config, max_seq_len, device)
+        self.cache_batch, self.cache_len = max_batch_size, max_seq_len
+
+    def clear_cache(self) -> None:
+        """Free the KV cache; forward then runs cache-less (full causal attention over the input)."""
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_batch = self.cache_len = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        *,
+        last_only: bool = False,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) in float32 for ``tokens`` (B, T) placed at ``start_pos``.
+
+        ``start_pos`` is an int (every row at the same position, Meta's case) or a LongTensor (B,) of per-row
+        positions (continuous batching). With a KV cache, keys are attended up to ``kv_len`` cache slots
+        (default: what the positions need when ``start_pos`` is an int, the whole cache otherwise).
+        ``last_only`` computes logits for the final position only, which is all decoding needs.
+        """
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        steps = torch.arange(seqlen, device=device)
+        cached = self.cache_len > 0
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            if start_pos and not cached:
+                raise ValueError("start_pos > 0 needs a KV cache: call setup_cache() first")
+            if cached and (end > self.cache_len or bsz > self.cache_batch):
+                raise ValueError(
+                    f"batch {bsz} x positions {start_pos}..{end - 1} exceed the KV cache "
+                    f"({self.cache_batch} x {self.cache_len})"
+                )
+            if end > self.rope.shape[0]:
+                self.rope = rope_table(self.config, end, self.rope.device)
+            positions = (start_pos + steps).expand(bsz, seqlen)
+            rope = self.rope[start_pos:end].unsqueeze(0)
+            kv_len = kv_len or (end if cached else None)
+            key_pos = torch.arange(kv_len if cached else seqlen, device=device)
+            # One query needs no mask: every cached key up to it is visible.
+            mask = None if seqlen == 1 else (key_pos[None, :] <= positions[0][:, None])[None, None]
+        else:
+            if not cached:
+                raise ValueError("per-row start positions need a KV cache: call setup_cache() first")
+            positions = start_pos.to(device).unsqueeze(1) + steps  # (B, T)
+            rope = self.rope[positions]
+            kv_len = kv_len or self.cache_len
+            key_pos = torch.arange(kv_len, device=device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, rope, positions, mask, kv_len if cached else None)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
