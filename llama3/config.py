@@ -31,6 +31,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
+    # Per-pair divisors of the rotary frequencies, as GGUF files store Llama 3.1 scaling (``rope_freqs``).
+    rope_freq_factors: tuple[float, ...] | None = None
     tie_embeddings: bool = False
     # Hugging Face and GGUF state the FFN width directly; Meta derives it (see ``ffn_hidden_dim``).
     hidden_dim: int | None = None

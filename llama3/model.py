@@ -38,7 +38,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 def rope_table(config: ModelConfig, length: int, device: torch.device | str | None = None) -> torch.Tensor:
     """cos/sin for positions ``0..length-1``: float32 tensor of shape (length, D/2, 2)."""
     # Meta computes the tables in float32; doing the same keeps logits bit-comparable.
-    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).float()
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    if config.rope_freq_factors is not None:
+        freqs = freqs / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
+    freqs = freqs.float()
     angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
 
@@ -188,6 +191,7 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor = 0,
         *,
         last_only: bool = False,
+        output_index: torch.Tensor | None = None,
         kv_len: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for ``tokens`` (B, T) placed at ``start_pos``.
@@ -195,7 +199,8 @@ class Transformer(nn.Module):
         ``start_pos`` is an int (every row at the same position, Meta's case) or a LongTensor (B,) of per-row
         positions (continuous batching). With a KV cache, keys are attended up to ``kv_len`` cache slots
         (default: what the positions need when ``start_pos`` is an int, the whole cache otherwise).
-        ``last_only`` computes logits for the final position only, which is all decoding needs.
+        ``last_only`` computes logits for the final position only, which is all decoding needs;
+        ``output_index`` (B,) does the same for a chosen position per row (right-padded prompts).
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -230,6 +235,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope, positions, mask, kv_len if cached else None)
-        if last_only:
+        if output_index is not None:
+            h = h[torch.arange(bsz, device=device), output_index].unsqueeze(1)
+        elif last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

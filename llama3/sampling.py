@@ -1,0 +1,144 @@
+"""Choosing the next token: sampling parameters, their validation, penalties, top-k/top-p/min-p and draws.
+
+Meta's behaviour is the default (softmax(logits / T), then top-p exactly as its ``sample_top_p``; argmax at
+T == 0); the rest are the knobs users of llama.cpp, vLLM and the OpenAI API expect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .errors import GenerationError
+
+
+class LogitsProcessor(Protocol):
+    """Edits one row's next-token logits, e.g. to constrain the output format while decoding.
+
+    ``generated`` holds the ids generated so far for that row (prompt excluded); ``logits`` is the row's
+    float32 (vocab,) vector after penalties and before temperature. Return the new logits (in place is fine);
+    ``-inf`` forbids a token.
+    """
+
+    def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``min_p == 0`` disable them."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> GenerationError:
+            return GenerationError(f"invalid {name}={getattr(self, name)!r}: must be {rule}")
+
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise bad("temperature", "a finite number >= 0")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise bad("top_k", "an integer >= 0 (0 or -1 disables it)")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise bad("min_p", "in [0, 1]")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < math.inf):
+            raise bad("repetition_penalty", "a finite number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise bad(name, "in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise bad("seed", "an integer")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+                raise GenerationError(f"invalid logit_bias entry {token!r}: {bias!r} (token id -> finite number)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether token counts are needed (any repetition/presence/frequency penalty is on)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_mask: torch.Tensor | None, output_counts: torch.Tensor | None
+) -> torch.Tensor:
+    """Repetition penalty over prompt + output (HF/vLLM rule: divide positive logits, multiply negative ones),
+    presence and frequency penalties over the output only (OpenAI's rule). Shapes: (B, V)."""
+    if params.repetition_penalty != 1.0 and output_counts is not None:
+        seen = output_counts > 0
+        if prompt_mask is not None:
+            seen = seen | prompt_mask
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if output_counts is not None and (params.presence_penalty or params.frequency_penalty):
+        counts = output_counts.to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.Tensor:
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias.keys()), device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[..., ids] += values
+    return logits
+
+
+def top_p_filter(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Meta's nucleus rule on sorted probabilities: drop a token once the mass *before* it exceeds p.
+
+    Returns (renormalised sorted probs, sort indices); the top-1 token always survives.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort = probs_sort.masked_fill(mask, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    return probs_sort, probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row (B, V) -> (B, 1) exactly as Meta's ``sample_top_p``."""
+    probs_sort, probs_idx = top_p_filter(probs, p)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """softmax(logits / T) after top-k and before min-p (B, V); the distribution top-p then samples from."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of (B, V) float32 logits -> (B,) ids."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = next_token_probs(logits, params)
+    return sample_top_p(probs, params.top_p, generator).squeeze(-1)
