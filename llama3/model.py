@@ -77,14 +77,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, K, D) at per-row positions (B, T); return the first B rows of the cache."""
+    def update(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, K, D) at per-row positions (B, T) into cache rows ``rows`` (B,), default 0..B-1.
+
+        Returns the keys/values those rows can attend to, (B, K, S, D).
+        """
         bsz = k.shape[0]
-        rows = torch.arange(bsz, device=k.device).unsqueeze(1)  # (B, 1) broadcasts against positions
+        index = rows if rows is not None else torch.arange(bsz, device=k.device)
         # Advanced indices around a slice index the (B, T) grid and leave (K, D) in place.
-        self.k[rows, :, positions] = k.to(self.k.dtype)
-        self.v[rows, :, positions] = v.to(self.v.dtype)
-        return self.k[:bsz], self.v[:bsz]
+        self.k[index.unsqueeze(1), :, positions] = k.to(self.k.dtype)
+        self.v[index.unsqueeze(1), :, positions] = v.to(self.v.dtype)
+        if rows is None:
+            return self.k[:bsz], self.v[:bsz]  # a view: no copy on the hot decode path
+        return self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -104,13 +111,14 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         kv_len: int | None,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         if self.cache is not None:
-            keys, values = self.cache.update(positions, k, v)  # (B, K, S, D)
+            keys, values = self.cache.update(positions, k, v, cache_rows)  # (B, K, S, D)
             if kv_len is not None:
                 keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         else:
@@ -146,8 +154,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, rope, positions, mask, kv_len):
-        h = x + self.attention(self.attention_norm(x), rope, positions, mask, kv_len)
+    def forward(self, x, rope, positions, mask, kv_len, cache_rows=None):
+        h = x + self.attention(self.attention_norm(x), rope, positions, mask, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -193,6 +201,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         output_index: torch.Tensor | None = None,
         kv_len: int | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for ``tokens`` (B, T) placed at ``start_pos``.
 
@@ -201,6 +210,8 @@ class Transformer(nn.Module):
         (default: what the positions need when ``start_pos`` is an int, the whole cache otherwise).
         ``last_only`` computes logits for the final position only, which is all decoding needs;
         ``output_index`` (B,) does the same for a chosen position per row (right-padded prompts).
+        ``cache_rows`` (B,) maps batch rows to KV-cache rows (continuous batching: a new request is prefilled
+        into a free slot while others are mid-generation); default: batch row i uses cache row i.
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -210,7 +221,7 @@ class Transformer(nn.Module):
             end = start_pos + seqlen
             if start_pos and not cached:
                 raise ValueError("start_pos > 0 needs a KV cache: call setup_cache() first")
-            if cached and (end > self.cache_len or bsz > self.cache_batch):
+            if cached and (end > self.cache_len or (cache_rows is None and bsz > self.cache_batch)):
                 raise ValueError(
                     f"batch {bsz} x positions {start_pos}..{end - 1} exceed the KV cache "
                     f"({self.cache_batch} x {self.cache_len})"
@@ -234,7 +245,7 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, rope, positions, mask, kv_len if cached else None)
+            h = layer(h, rope, positions, mask, kv_len if cached else None, cache_rows)
         if output_index is not None:
             h = h[torch.arange(bsz, device=device), output_index].unsqueeze(1)
         elif last_only:
