@@ -1,0 +1,257 @@
+"""The ``llama3`` command line: a thin adapter over the library (chat, complete, examples, serve, bench, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import Llama3Error
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2048, max_batch_size: int = 1) -> None:
+    """Options shared by every command that loads a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face dir or a Meta dir (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
+    group.add_argument("--max-seq-len", type=int, default=max_seq_len, help="context length to allocate (default %(default)s)")
+    group.add_argument("--max-batch-size", type=int, default=max_batch_size, help=argparse.SUPPRESS if max_batch_size == 1 else "rows decoded together (default %(default)s)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    group.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int | None) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", "-t", type=float, default=0.6, help="0 = greedy (default %(default)s)")
+    group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default %(default)s)")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    group.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="most tokens to generate (default: %(default)s; none = fill the context)")
+    parser.add_argument("--no-stats", action="store_true", help="do not print load time and tokens/s on stderr")
+
+
+def build_llm(args: argparse.Namespace):
+    """``Llama.build`` from the model options."""
+    import torch
+
+    from .generation import Llama
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Llama3Error(f"--threads must be >= 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as exc:
+        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
+    llm = Llama.build(
+        args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+        device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
+    )  # fmt: skip
+    if not getattr(args, "no_stats", False):
+        name = args.model or "default model (SmolLM2-135M-Instruct)"
+        print(f"Loaded {name} in {llm.load_seconds:.2f} seconds on {llm.device}", file=sys.stderr)
+    return llm
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, max_gen_len=args.max_tokens,
+    )  # fmt: skip
+
+
+def print_stream(stream, *, stats: bool, out=sys.stdout) -> str:
+    """Print text increments as they come; Ctrl-C stops this answer only. Returns the text shown."""
+    start = time.perf_counter()
+    first_token_at = None
+    shown = []
+    try:
+        for chunk in stream:
+            if first_token_at is None and stream.generated_tokens:
+                first_token_at = time.perf_counter()
+            out.write(chunk)
+            out.flush()
+            shown.append(chunk)
+    except KeyboardInterrupt:
+        stream.close()
+        out.write(" [interrupted]")
+    out.write("\n")
+    out.flush()
+    end = time.perf_counter()
+    if stats:
+        n = stream.generated_tokens
+        first = first_token_at or end
+        rate = (n - 1) / (end - first) if n > 1 and end > first else 0.0
+        print(
+            f"[{n} tokens; first token {first - start:.2f} s; decode {rate:.1f} tok/s; "
+            f"finish: {stream.finish_reason or 'interrupted'}]",
+            file=sys.stderr,
+        )
+    return "".join(shown)
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    llm = build_llm(args)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    kwargs = sampling_kwargs(args)
+    stream = llm.stream_completion(prompt, **kwargs)
+    if args.echo:
+        sys.stdout.write(prompt)
+    print_stream(stream, stats=not args.no_stats)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = build_llm(args)
+    kwargs = sampling_kwargs(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    dialog: list[dict[str, str]] = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            dialog = list(system)
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        dialog.append({"role": "user", "content": line})
+        try:
+            stream = llm.stream_chat(dialog, **kwargs)
+        except Llama3Error as exc:  # e.g. the conversation outgrew the context: say so and let the user /reset
+            dialog.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        answer = print_stream(stream, stats=not args.no_stats)
+        dialog.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from .examples import CHAT_DIALOGS, COMPLETION_PROMPTS
+
+    args.max_batch_size = max(len(CHAT_DIALOGS), len(COMPLETION_PROMPTS))
+    llm = build_llm(args)
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, result in zip(
+        COMPLETION_PROMPTS, llm.text_completion(COMPLETION_PROMPTS, max_gen_len=args.max_tokens or 64, **kwargs)
+    ):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print("\n==================================\n")
+    for dialog, result in zip(CHAT_DIALOGS, llm.chat_completion(CHAT_DIALOGS, max_gen_len=args.max_tokens, **kwargs)):
+        for msg in dialog:
+            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        print("\n==================================\n")
+    return 0
+
+
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the chosen command's module is imported (the server stack and the
+    metrics libraries are slow to import, and cold start matters)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="llama3", description="Run Llama-3-architecture models locally.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="interactive streaming chat (/reset, /exit)")
+    add_model_arguments(chat)
+    add_sampling_arguments(chat, max_tokens=None)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    complete = sub.add_parser("complete", help="complete a text prompt, streaming")
+    complete.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    add_model_arguments(complete)
+    add_sampling_arguments(complete, max_tokens=128)
+    complete.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    complete.set_defaults(func=cmd_complete)
+
+    examples = sub.add_parser("examples", help="Meta's example completions and dialogs, printed in Meta's format")
+    add_model_arguments(examples, max_seq_len=512)
+    examples.add_argument("--temperature", type=float, default=0.6)
+    examples.add_argument("--top-p", type=float, default=0.9)
+    examples.add_argument("--seed", type=int, default=None)
+    examples.add_argument("--max-tokens", type=int, default=None, help="default: 64 for completions, the context for chats")
+    examples.add_argument("--no-stats", action="store_true")
+    examples.set_defaults(func=cmd_examples)
+
+    for name, module, helptext in (
+        ("serve", "llama3.server", "OpenAI-compatible HTTP server"),
+        ("bench", "llama3.bench", "measure load time, prefill, decode and batched throughput"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if chosen == name:
+            _attach(p, module)
+
+    evaluate = sub.add_parser("eval", help="evaluate on a benchmark")
+    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
+    shop = tasks.add_parser("shopbench", help="ShopBench (Amazon KDD Cup 2024) multi-task shopping questions")
+    if chosen == "eval":
+        _attach(shop, "llama3.tasks.shopbench.cli")
+    return parser
+
+
+def _attach(parser: argparse.ArgumentParser, module_name: str) -> None:
+    """Let ``module_name`` define the command's options (``add_arguments``) and run it (``run``)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        parser.set_defaults(func=lambda args, exc=exc: _unavailable(module_name, exc))
+        return
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run)
+
+
+def _unavailable(module_name: str, exc: ImportError) -> int:
+    raise Llama3Error(f"{module_name} is unavailable: {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llama3`` command; errors are one line on stderr and a non-zero exit."""
+    args = make_parser(argv).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Llama3Error as exc:
+        print(f"llama3 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except OSError as exc:  # unreadable files, ports in use...: the message is the useful part
+        print(f"llama3 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
