@@ -45,6 +45,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
             raise ValueError(f"dim, n_layers and n_heads must be positive (got {self.dim}, {self.n_layers}, {self.n_heads})")
+        if self.kv_heads <= 0:
+            raise ValueError(f"n_kv_heads must be positive (got {self.n_kv_heads})")
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive (got {self.vocab_size})")
         if self.n_heads % self.kv_heads:

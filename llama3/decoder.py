@@ -71,7 +71,7 @@ class DecodeBatch:
             self.prompt_mask = torch.zeros(bsz, vocab, dtype=torch.bool, device=self.device)
             for i, row in enumerate(self.rows):
                 self.prompt_mask[i, torch.tensor(row.prompt, device=self.device)] = True
-        self.positions: torch.Tensor | None = None  # (B,) position of each row's next input token
+        self.positions: torch.Tensor | None = None  # (B,) cache position where each row's next input token goes
         self.last_tokens: torch.Tensor | None = None  # (B,) the token each row feeds next
         for row in self.rows:
             if row.budget <= 0:
@@ -94,6 +94,8 @@ class DecodeBatch:
         else:
             kv_len = int(self.positions.max()) + 1
             logits = self.model(self.last_tokens[:, None], self.positions, last_only=True, kv_len=kv_len)[:, -1]
+            # Finished rows keep stepping with the batch; clamping keeps their (ignored) cache writes in bounds.
+            self.positions = (self.positions + 1).clamp_(max=self.model.cache_len - 1)
         return self._choose(logits)
 
     def _prefill(self) -> torch.Tensor:
@@ -114,7 +116,7 @@ class DecodeBatch:
             logits = all_logits[torch.arange(len(self.rows), device=self.device), last]
         else:
             logits = self.model(tokens, 0, output_index=last)[:, -1]
-        self.positions = last + 1
+        self.positions = last + 1  # each row's first generated token goes right after its prompt
         return logits
 
     def _choose(self, logits: torch.Tensor) -> list[int | None]:
@@ -129,7 +131,7 @@ class DecodeBatch:
                 logits[i] = row_logits
         next_tokens = choose(logits, self.params, self.generator)
         if self.want_logprobs:
-            token_logprobs = -F.cross_entropy(raw, next_tokens, reduction="none").tolist()
+            token_logprobs = (-F.cross_entropy(raw, next_tokens, reduction="none")).tolist()
         chosen = next_tokens.tolist()
         out: list[int | None] = []
         for i, row in enumerate(self.rows):
@@ -150,6 +152,4 @@ class DecodeBatch:
                 row.finish_reason = "length"
             out.append(token)
         self.last_tokens = next_tokens
-        # Finished rows keep stepping with the batch; clamping keeps their (ignored) cache writes in bounds.
-        self.positions = (self.positions + 1).clamp_(max=self.model.cache_len - 1)
         return out

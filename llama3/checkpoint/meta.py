@@ -33,7 +33,9 @@ from ..model import rope_frequencies
 from .state import check_state, expected_shapes
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
-COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output", "tok_embeddings")
+COLUMN_PARALLEL = (
+    "attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output", "tok_embeddings"
+)
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 # Some exports carry the rotary frequencies as a tensor; the model recomputes them from the config.
 ROPE_FREQ_NAMES = ("rope_freqs.weight", "rope.freqs")
@@ -65,7 +67,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def number(data: dict[str, Any], key: str, kind: type, source: Path) -> Any:
+def number(data: dict[str, Any], key: str, kind: type, source: Path, *, positive: bool = False) -> Any:
     """``data[key]`` as an int or float; JSON ``true`` is not a number and ``4096.0`` is a fine int."""
     value = data[key]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -73,6 +75,8 @@ def number(data: dict[str, Any], key: str, kind: type, source: Path) -> Any:
         ok = value.is_integer()
     if not ok:
         raise CheckpointError(f"{source}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if positive and value <= 0:
+        raise CheckpointError(f"{source}: {key} must be positive, got {value!r}")
     return kind(value)
 
 
@@ -102,7 +106,7 @@ def params_to_config(params: dict[str, Any], source: Path, *, tie_embeddings: bo
     for keys, kind in ((_INT_KEYS, int), (_FLOAT_KEYS, float)):
         for key in keys:
             if key in params and not (key in _NULLABLE and params[key] is None):
-                kwargs[key] = number(params, key, kind, source)
+                kwargs[key] = number(params, key, kind, source, positive=key not in ("vocab_size", "norm_eps"))
     if kwargs["vocab_size"] <= 0:
         raise CheckpointError(
             f"{source}: vocab_size must be positive, got {kwargs['vocab_size']} "
@@ -143,31 +147,46 @@ def shard_files(path: Path) -> list[Path]:
     gaps = [f"consolidated.{rank:02d}.pth" for rank in range(max(found) + 1) if rank not in found]
     if gaps:
         raise CheckpointError(
-            f"{path}: model-parallel shards must be numbered 00..{max(found):02d} without gaps; missing {', '.join(gaps)}"
+            f"{path}: model-parallel shards must be numbered 00..{max(found):02d} without gaps; "
+            f"missing {', '.join(gaps)}"
         )
     return [found[rank] for rank in sorted(found)]
 
 
 def load_shard(file: Path) -> dict[str, torch.Tensor]:
     """One ``.pth`` as a name -> tensor dict, through the weights-only unpickler (no code runs)."""
+    # mmap keeps a 16 GB shard on disk until each tensor is used; it needs torch's zip format.
+    mmap = zipfile.is_zipfile(file)
+    if not mmap:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04":
+            raise CheckpointError(f"{file}: damaged or truncated PyTorch checkpoint (its zip archive is incomplete)")
+        if head[:1] != b"\x80":  # pickle protocol >= 2 opcode, how legacy torch.save files begin
+            raise CheckpointError(f"{file}: not a PyTorch checkpoint (neither torch's zip format nor a pickle)")
     try:
-        # mmap keeps a 16 GB shard on disk until each tensor is used; it needs torch's zip format.
-        mmap = zipfile.is_zipfile(file)
         data = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f"it references {unsafe.group(1)}" if unsafe else str(exc).splitlines()[0]
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        what = f"it references {unsafe.group(1)}" if unsafe else _first_line(exc)
         raise CheckpointError(
-            f"{file}: refused: not a weights-only PyTorch checkpoint ({what}); it was not executed"
+            f"{file}: refused: not a weights-only PyTorch checkpoint ({what}); nothing in it was executed"
         ) from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError... for damaged files
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise CheckpointError(f"{file}: damaged PyTorch checkpoint ({reason})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found {type(data).__name__}")
     for name, value in data.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{file}: entry {name!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{file}: entry {name!r} is not a tensor (type {type(value).__name__})")
     return data
+
+
+def _first_line(exc: Exception) -> str:
+    """The gist of a library error: its first sentence, without the advice that follows."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0][:300]
 
 
 def split_dim(name: str) -> int | None:
@@ -180,15 +199,16 @@ def split_dim(name: str) -> int | None:
     return None
 
 
-def merge_shards(files: list[Path], shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+def merge_shards(
+    files: list[Path], shards: list[dict[str, torch.Tensor]], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Concatenate model-parallel pieces into full tensors, checking names and shapes against ``config``."""
     names = set(shards[0])
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != names:
             odd = sorted(set(shard) ^ names)
-            raise CheckpointError(
-                f"{file}: holds different tensors from {files[0].name} ({', '.join(odd[:6])}{' ...' if len(odd) > 6 else ''})"
-            )
+            listing = ", ".join(odd[:6]) + (" ..." if len(odd) > 6 else "")
+            raise CheckpointError(f"{file}: holds different tensors from {files[0].name} ({listing})")
     wanted = {name: list(shape) for name, shape in expected_shapes(config).items() if name in names}
     _check_shard_count(files, shards[0], wanted)
     n = len(shards)
@@ -206,8 +226,12 @@ def merge_shards(files: list[Path], shards: list[dict[str, torch.Tensor]], confi
         piece = shapes[0]
         merged = piece[:dim] + [piece[dim] * n] + piece[dim + 1 :] if len(piece) == len(want) else piece
         if merged != want:
-            how = f"{n} shards of {piece} concatenate on dim {dim} to {merged}" if n > 1 else f"it has shape {piece}"
-            raise CheckpointError(f"{files[0].parent}: tensor {name}: {how}, but params.json implies {want}")
+            if n == 1:
+                raise CheckpointError(f"{files[0]}: tensor {name} has shape {piece}, but params.json implies {want}")
+            raise CheckpointError(
+                f"{files[0].parent}: tensor {name}: {n} shards of {piece} concatenate on dim {dim} to {merged}, "
+                f"but params.json implies {want}"
+            )
         state[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
     state.update({name: shards[0][name] for name in names if name not in state})  # unexpected: check_state names them
     return state
@@ -227,11 +251,15 @@ def _check_shard_count(files: list[Path], first: dict[str, torch.Tensor], wanted
             return
         ratios.add(want[dim] // piece[dim])
     if len(ratios) == 1 and (ranks := ratios.pop()) != len(files):
-        missing = [f"consolidated.{r:02d}.pth" for r in range(len(files), ranks)]
+        found = f"{len(files)} consolidated.NN.pth file(s) were found"
+        if ranks == 1:
+            raise CheckpointError(
+                f"{files[0].parent}: {files[0].name} holds whole tensors (a 1-shard checkpoint), but {found}"
+            )
+        missing = ", ".join(f"consolidated.{r:02d}.pth" for r in range(len(files), ranks))
         raise CheckpointError(
             f"{files[0].parent}: {files[0].name} holds 1/{ranks} of each split tensor, so the checkpoint has {ranks} "
-            f"model-parallel shards, but {len(files)} consolidated.NN.pth file(s) were found"
-            + (f"; missing {', '.join(missing)}" if missing else "")
+            f"model-parallel shards, but {found}" + (f"; missing {missing}" if missing else "")
         )
 
 
@@ -249,8 +277,12 @@ def check_rope_freqs(value: torch.Tensor, config: ModelConfig, source: Path) -> 
         return
     raise CheckpointError(
         f"{source}: the stored rope frequencies disagree with params.json's rope_theta/use_scaled_rope "
-        f"(stored {stored[:4].tolist()}..., params.json gives {scaled[:4].tolist()}...)"
+        f"(stored {_short(stored)}, params.json gives {_short(scaled)})"
     )
+
+
+def _short(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values[:4].tolist()) + ", ...]"
 
 
 def read_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
