@@ -1,0 +1,285 @@
+"""Tokenizers rebuilt from a GGUF file's metadata (``tokenizer.ggml.*``), without loading its tensors.
+
+A GGUF has no tokenizer.json: it stores the vocabulary, merges, token types and special ids under
+llama.cpp's key names. We read just that key/value header (a few MB at the front of the file, through
+mmap) and build an equivalent ``tokenizers.Tokenizer``:
+
+* ``gpt2`` (byte-level BPE): vocabulary + merges; the pre-tokenizer comes from ``tokenizer.ggml.pre``,
+  following llama.cpp's table (e.g. "smollm": every digit split off, then GPT-2's pattern, which is
+  also what SmolLM2's own tokenizer.json does; "llama-bpe": Llama 3's pattern with whole-word lookup
+  before merges, as tiktoken does).
+* ``llama`` (SentencePiece BPE): vocabulary + merges, or merges derived from the token scores when the
+  file has none; "▁" word marks, byte fallback, a leading "▁" when ``add_space_prefix``.
+
+Control tokens (token type 3) become special tokens; user-defined ones (type 4) are matched whole.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from ..errors import TokenizerError
+from .base import END_OF_TURN_TEXTS
+from .hf import HFTokenizer, byte_level_alphabet
+
+# llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> how text is split before BPE (llama.cpp's llama-vocab.cpp is the authority).
+GPT2_PRE = {"gpt-2", "default", "mpt", "olmo", "jais", "trillion"}
+DIGITS_THEN_GPT2_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"}
+QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
+
+_GGUF_LIMIT = 1 << 34  # sanity bound on lengths read from the header (a corrupt file must not allocate TBs)
+
+
+class _Header:
+    """Sequential reader over a GGUF key/value header held in a memory map."""
+
+    def __init__(self, buf: memoryview, endian: str, path: Path) -> None:
+        self.buf, self.e, self.pos, self.path = buf, endian, 0, path
+
+    def take(self, fmt: str) -> Any:
+        st = struct.Struct(self.e + fmt)
+        try:
+            (value,) = st.unpack_from(self.buf, self.pos)
+        except struct.error:
+            raise TokenizerError(f"{self.path}: GGUF header is truncated") from None
+        self.pos += st.size
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if n > _GGUF_LIMIT or self.pos + n > len(self.buf):
+            raise TokenizerError(f"{self.path}: GGUF header is corrupt (string of {n} bytes)")
+        text = str(self.buf[self.pos : self.pos + n], "utf-8", "replace")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int, keep: bool) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype != _ARRAY:
+            raise TokenizerError(f"{self.path}: GGUF header is corrupt (value type {vtype})")
+        etype, count = self.take("I"), self.take("Q")
+        if count > _GGUF_LIMIT:
+            raise TokenizerError(f"{self.path}: GGUF header is corrupt (array of {count} items)")
+        if etype == _STRING:
+            if keep:
+                return [self.string() for _ in range(count)]
+            for _ in range(count):  # skip without decoding
+                length = self.take("Q")
+                self.pos += length
+            return None
+        if etype in _SCALARS:
+            dtype = np.dtype(self.e + _SCALARS[etype].replace("?", "b"))
+            end = self.pos + dtype.itemsize * count
+            if end > len(self.buf):
+                raise TokenizerError(f"{self.path}: GGUF header is truncated")
+            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy() if keep else None
+            self.pos = end
+            return arr
+        return [self.value(etype, keep) for _ in range(count)]
+
+
+def read_gguf_metadata(path: Path, prefixes: Sequence[str] = ("tokenizer.", "general.architecture")) -> dict[str, Any]:
+    """The header key/values of a GGUF file whose keys start with one of ``prefixes`` (tensors are not read)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise TokenizerError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        buf = memoryview(mm)
+        (version,) = struct.unpack_from("<I", buf, 4)
+        endian = "<" if version < 0x10000 else ">"  # big-endian files have the version byte-swapped
+        header = _Header(buf, endian, path)
+        header.pos = 4
+        version = header.take("I")
+        if version < 2:
+            raise TokenizerError(f"{path}: GGUF version {version} is too old (need 2 or later)")
+        header.take("Q")  # tensor count
+        n_kv = header.take("Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = header.string()
+            vtype = header.take("I")
+            keep = key.startswith(tuple(prefixes))
+            value = header.value(vtype, keep)
+            if keep:
+                meta[key] = value
+        del buf, header
+        return meta
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a numpy view still alive; the map closes when it is collected
+            pass
+
+
+def _merge_pairs(merges: Sequence[str], path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise TokenizerError(f"{path}: malformed merge {merge!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+    return pairs
+
+
+def merges_from_scores(tokens: Sequence[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges implied by a scored vocabulary: every split of a normal token into two
+    vocabulary tokens, best-scoring result first (SentencePiece merges the highest-scoring pair)."""
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
+    ranked = []
+    for token, i in vocab.items():
+        for k in range(1, len(token)):
+            left, right = token[:k], token[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), i, vocab[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, bool]:
+    """(pre-tokenizer, ignore_merges) for a byte-level vocabulary whose ``tokenizer.ggml.pre`` is ``pre``."""
+    if pre in DIGITS_THEN_GPT2_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]), False
+    for names, pattern, ignore_merges in ((LLAMA3_PRE, LLAMA3_PATTERN, True), (QWEN2_PRE, QWEN2_PATTERN, False)):
+        if pre in names:
+            return pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]), ignore_merges
+    if pre not in GPT2_PRE:
+        warnings.warn(
+            f"{path}: unknown tokenizer.ggml.pre {pre!r}; splitting text with GPT-2's pattern, which may not "
+            "match how this model was trained", stacklevel=3)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
+
+
+def _add_vocab_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str], types: np.ndarray,
+                      keys: Sequence[str]) -> None:
+    """Control tokens -> special added tokens, user-defined -> plain added tokens (matched whole in text)."""
+    control = [AddedToken(tokens[i], normalized=False, special=True) for i in np.flatnonzero(types == CONTROL)
+               if keys[i] == tokens[i]]
+    user = [AddedToken(tokens[i], normalized=False, special=False) for i in np.flatnonzero(types == USER_DEFINED)
+            if keys[i] == tokens[i]]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+
+
+def build_gguf_tokenizer(path: Path) -> HFTokenizer:
+    """An ``HFTokenizer`` equivalent to the tokenizer described by the GGUF file at ``path``."""
+    meta = read_gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        raise TokenizerError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.model/tokens missing)")
+    n = len(tokens)
+    types = meta.get("tokenizer.ggml.token_type")
+    types = np.full(n, NORMAL, dtype=np.int32) if types is None else np.asarray(types, dtype=np.int32)
+    if len(types) != n:
+        raise TokenizerError(f"{path}: {len(types)} token types for {n} tokens")
+
+    if kind == "gpt2":
+        alphabet = byte_level_alphabet()
+        allowed = set(alphabet.values())
+        # Tokens are stored in the byte-level spelling; the few that are not (added text) are respelled.
+        keys = [t if set(t) <= allowed else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+        merges = _merge_pairs(meta.get("tokenizer.ggml.merges") or [], path)
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        pre_tok, ignore_merges = _pre_tokenizer(pre, path)
+        model = models.BPE(vocab={k: i for i, k in enumerate(keys)}, merges=merges, dropout=None,
+                           continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                           ignore_merges=ignore_merges)
+        backend = tokenizers.Tokenizer(model)
+        backend.pre_tokenizer = pre_tok
+        backend.decoder = decoders.ByteLevel()
+        add_bos_default, byte_decoding, name = False, "byte_level", "gguf-gpt2"
+    elif kind == "llama":
+        keys = list(tokens)
+        if "tokenizer.ggml.merges" in meta:
+            merges = _merge_pairs(meta["tokenizer.ggml.merges"], path)
+        else:
+            scores = meta.get("tokenizer.ggml.scores")
+            if scores is None:
+                raise TokenizerError(f"{path}: SentencePiece vocabulary has neither merges nor scores")
+            merges = merges_from_scores(tokens, np.asarray(scores), types)
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        model = models.BPE(vocab={k: i for i, k in enumerate(keys)}, merges=merges, dropout=None,
+                           unk_token=tokens[unk] if unk is not None and 0 <= unk < n else None,
+                           fuse_unk=True, byte_fallback=True)
+        backend = tokenizers.Tokenizer(model)
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        add_bos_default, byte_decoding, name = True, "sentencepiece", "gguf-llama"
+    else:
+        raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    _add_vocab_tokens(backend, tokens, types, keys)
+
+    def special(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        return int(value) if value is not None and 0 <= int(value) < n else None
+
+    bos_id, eos_id, pad_id, unk_id = special("bos_token_id"), special("eos_token_id"), special("padding_token_id"), special("unknown_token_id")
+    if eos_id is None:
+        eos_id = next((i for i, t in enumerate(tokens) if t in END_OF_TURN_TEXTS and types[i] == CONTROL), None)
+        if eos_id is None:
+            raise TokenizerError(f"{path}: GGUF file names no EOS token (tokenizer.ggml.eos_token_id)")
+    eot_id = special("eot_token_id")
+    special_ids = {int(i) for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN))}
+    special_ids |= {i for i in (bos_id, eos_id, unk_id) if i is not None}
+    template_vars = {name: tokens[i] for name, i in
+                     (("bos_token", bos_id), ("eos_token", eos_id), ("unk_token", unk_id), ("pad_token", pad_id))
+                     if i is not None}
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default)
+    return HFTokenizer(
+        backend,
+        name=name,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id if pad_id is not None else -1,
+        add_bos=bool(add_bos),
+        stop_ids=[eot_id] if eot_id is not None else [],
+        special_ids=special_ids,
+        chat_template=meta.get("tokenizer.chat_template"),
+        template_vars=template_vars,
+        byte_decoding=byte_decoding,
+        n_words=n,
+        sentencepiece_prefix=kind == "llama",
+    )

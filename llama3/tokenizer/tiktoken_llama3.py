@@ -1,0 +1,189 @@
+"""Meta's Llama 3 tokenizer (tiktoken BPE over ``tokenizer.model``) and its token-level ``ChatFormat``.
+
+Reproduces the reference exactly: the split pattern, 256 special tokens numbered after the base
+vocabulary, the chunking of very long input, and tiktoken's allowed/disallowed special semantics.
+The chat prompt is assembled from token ids, so message text can never become a header or <|eot_id|>.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import tiktoken
+
+from ..errors import TokenizerError
+from .base import Dialog, Message, SpecialCollection, SpecialSet, Tokenizer, check_dialog, continues_last_message
+
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_RESERVED_SPECIAL_TOKENS = 256
+# tiktoken slows down badly on huge inputs and on very long runs of (non-)whitespace, hence Meta's limits.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+def special_token_names() -> list[str]:
+    """The 256 special tokens in id order (ids = base vocabulary size + index)."""
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|reserved_special_token_2|>",
+        "<|reserved_special_token_3|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",
+    ]
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(5, NUM_RESERVED_SPECIAL_TOKENS - 5)]
+    return named + reserved
+
+
+def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file (lines ``<base64 token> <rank>``); raise ``TokenizerError`` if it is not one."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({exc.strerror or exc})") from None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+        except (ValueError, binascii.Error):
+            raise TokenizerError(
+                f"{path}: not a tiktoken tokenizer.model (line {lineno} is not '<base64 token> <rank>')"
+            ) from None
+    if not ranks:
+        raise TokenizerError(f"{path}: empty tokenizer file")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps or repeats")
+    return ranks
+
+
+def split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """Meta's ``_split_whitespaces_or_nonwhitespaces``: cut ``s`` inside any run of whitespace or of
+    non-whitespace longer than ``max_run`` (every ``max_run`` chars from the run's start); pieces
+    otherwise span several runs."""
+    if len(s) <= max_run:  # no run can be too long; the common case
+        yield s
+        return
+    start = 0
+    # Python's \s and str.isspace() share one definition of whitespace (Py_UNICODE_ISSPACE).
+    for run in re.finditer(r"\s+|\S+", s):
+        run_start, run_end = run.span()
+        for cut in range(run_start + max_run, run_end, max_run):
+            yield s[start:cut]
+            start = cut
+    yield s[start:]
+
+
+class Llama3Tokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: ``tokenizer.model`` ranks + 256 special tokens, tiktoken underneath."""
+
+    name = "llama3-tiktoken"
+    add_bos = True
+    chat_template = None
+
+    def __init__(self, model_path: str | Path) -> None:
+        path = Path(model_path)
+        ranks = load_tiktoken_ranks(path)
+        n_base = len(ranks)
+        self.special_tokens = {tok: n_base + i for i, tok in enumerate(special_token_names())}
+        self.model = tiktoken.Encoding(
+            name=path.name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.n_words = self.model.n_vocab
+        self.n_base = n_base
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.pad_id = -1
+        self.stop_tokens = frozenset({self.eos_id, self.eot_id})
+        self.path = path
+
+    def encode(
+        self,
+        s: str,
+        *,
+        bos: bool,
+        eos: bool,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialCollection = (),
+    ) -> list[int]:
+        if type(s) is not str:
+            raise TokenizerError(f"encode() needs a str, got {type(s).__name__}")
+        ids: list[int] = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                try:
+                    ids.extend(
+                        self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
+                    )
+                except ValueError as exc:  # tiktoken's "disallowed special token" error
+                    raise TokenizerError(f"cannot encode text: {exc}") from None
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        ids = self._check_ids(ids)
+        if skip_special:
+            ids = [i for i in ids if i < self.n_base]
+        return self.model.decode(ids)
+
+    def token_bytes(self, id: int) -> bytes:
+        (id,) = self._check_ids((id,))
+        return self.model.decode_single_token_bytes(id)
+
+    def is_special(self, id: int) -> bool:
+        return self.n_base <= id < self.n_words
+
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
+        return ChatFormat(self).encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt)
+
+
+class ChatFormat:
+    """Meta's Llama 3 chat format, built from token ids (message text is encoded with no special tokens)."""
+
+    def __init__(self, tokenizer: Llama3Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_header(self, message: Message) -> list[int]:
+        tok = self.tokenizer
+        return [
+            tok.special_tokens["<|start_header_id|>"],
+            *tok.encode(message["role"], bos=False, eos=False),
+            tok.special_tokens["<|end_header_id|>"],
+            *tok.encode("\n\n", bos=False, eos=False),
+        ]
+
+    def encode_message(self, message: Message, *, close: bool = True) -> list[int]:
+        """Header + stripped content + <|eot_id|> (left off when ``close`` is False, to continue the message)."""
+        ids = self.encode_header(message) + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        if close:
+            ids.append(self.tokenizer.eot_id)
+        return ids
+
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
+        check_dialog(dialog)
+        open_last = continues_last_message(dialog, add_generation_prompt)
+        ids = [self.tokenizer.bos_id]
+        for i, message in enumerate(dialog):
+            ids.extend(self.encode_message(message, close=not (open_last and i == len(dialog) - 1)))
+        if add_generation_prompt:
+            ids.extend(self.encode_header({"role": "assistant", "content": ""}))
+        return ids
