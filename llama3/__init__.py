@@ -3,6 +3,7 @@
 from .checkpoint import load_model
 from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, GenerationError, Llama3Error, TokenizerError
+from .generation import Llama
 from .model import Transformer
 from .tokenizer import ChatFormat, HFTokenizer, Llama3Tokenizer, StreamDecoder, Tokenizer, load_tokenizer
 
@@ -25,11 +26,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # ``Llama`` pulls in generation; importing it lazily keeps ``import llama3.tokenizer`` light.
-    if name == "Llama":
-        from .generation import Llama
-
-        return Llama
-    raise AttributeError(f"module 'llama3' has no attribute {name!r}")

@@ -190,8 +190,8 @@ class NumberListAutomaton:
         self.count = count
         self.allow_space = allow_space
         self.alphabet = b"0123456789," + (b" " if allow_space else b"")
-        widest = max(len(k) for k in self.allowed)
-        self.max_len = count * widest + (count - 1) * (2 if allow_space else 1)
+        longest = sorted((len(k) for k in self.allowed), reverse=True)[:count]
+        self.max_len = sum(longest) + (count - 1) * (2 if allow_space else 1)
 
     def start(self) -> _ListState:
         return _ListState(frozenset(), b"", False)
@@ -222,6 +222,9 @@ class NumberListAutomaton:
 
 
 def _mask_to(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Keep ``logits`` at ``ids`` (a CPU or same-device index), ``-inf`` elsewhere."""
+    if ids.device != logits.device:
+        ids = ids.to(logits.device)
     out = torch.full_like(logits, float("-inf"))
     out[ids] = logits[ids]
     return out
@@ -324,6 +327,8 @@ class CopyBiasProcessor:
         self.ids = torch.tensor(sorted(i for i in ids if 0 <= i < len(table.token_bytes)), dtype=torch.long)
 
     def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.ids.device != logits.device:
+            self.ids = self.ids.to(logits.device)
         logits[self.ids] += self.bonus
         return logits
 
