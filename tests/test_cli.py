@@ -1,0 +1,72 @@
+"""The ``llama3`` command end to end, in real subprocesses with the default model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llama3", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_complete_streams_and_reports_speed():
+    result = run("complete", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "Loaded" in result.stderr and "tok/s" in result.stderr
+
+
+def test_complete_is_deterministic_when_greedy():
+    a = run("complete", "Once upon a time", "-n", "10", "-t", "0", "--no-stats")
+    b = run("complete", "Once upon a time", "-n", "10", "-t", "0", "--no-stats")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and a.stdout.strip() and a.stderr == ""
+
+
+def test_scripted_chat_session():
+    script = "What is the capital of France?\n/reset\nSay hello.\n/exit\nnever read\n"
+    result = run("chat", "--max-tokens", "16", "--temperature", "0", "--system", "Answer briefly.", stdin=script)
+    assert result.returncode == 0, result.stderr
+    answers = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2
+    assert "Paris" in result.stdout
+    assert "[conversation cleared]" in result.stderr
+    assert result.stderr.count("tok/s") == 2  # two answers, then /exit stopped the session
+
+
+def test_examples_print_meta_format():
+    result = run("examples", "--max-tokens", "8", "--temperature", "0", "--no-stats", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("==================================") == 8
+    assert "I believe the meaning of life is\n> " in result.stdout
+    assert "System: Always answer with Haiku" in result.stdout and "> Assistant: " in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["complete", "hi", "--top-p", "2"], "top_p"),
+        (["complete", "hi", "--temperature", "-1"], "temperature"),
+        (["complete", "hi", "--model", "/nonexistent/model.gguf"], "no such file or directory"),
+        (["complete", "hi", "--max-seq-len", "0"], "max_seq_len"),
+        (["complete", "hi", "--max-tokens", "0"], "max_gen_len"),
+        (["chat", "--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(args, needle):
+    result = run(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Loaded")]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unknown_command_is_a_usage_error():
+    result = run("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
