@@ -1,0 +1,256 @@
+"""The FastAPI application: OpenAI's routes over a running ``Engine``.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (streaming as server-sent events), plus FastAPI's ``/openapi.json`` and ``/docs``.
+Handlers only validate, submit and reshape; generation happens on the engine's thread. A client that goes
+away cancels its sequences: streaming responses notice when the connection closes, non-streaming ones poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from .. import __version__
+from ..engine import Delta, Engine, EngineClosedError, QueueFullError, Submission
+from ..errors import TokenizerError
+from .errors import APIError, APIKeyMiddleware, error_body, install_error_handlers
+from .protocol import (
+    LogprobFormatter,
+    Plan,
+    chat_plan,
+    completion_plan,
+    completion_prompts,
+    dialog_from_messages,
+    finish_reason,
+    new_id,
+    now,
+    usage,
+)  # fmt: skip
+from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+DISCONNECT_POLL_S = 0.25
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@asynccontextmanager
+async def _watching(request: Request, submission: Submission) -> AsyncIterator[None]:
+    """Cancel ``submission`` if the client disconnects (or this handler is cancelled) before it is done."""
+
+    async def watch() -> None:
+        while not submission.done:
+            if await request.is_disconnected():
+                submission.cancel()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        if not submission.done:
+            submission.cancel()
+
+
+class _Choice:
+    """Accumulates one sequence's output for a non-streaming response."""
+
+    def __init__(self) -> None:
+        self.text, self.logprobs = "", []
+        self.finish: str | None = None
+        self.tokens, self.error = 0, None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.logprobs += delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish, self.tokens, self.error = delta.finish_reason, delta.completion_tokens, delta.error
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The server for ``engine``; the engine is started with the app and stopped when it shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(
+        title="llama3 OpenAI-compatible server",
+        version=__version__,
+        description=f"Serves {model_name} with OpenAI's completions and chat completions API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    created = now()
+    tokenizer = engine.tokenizer
+    formatter = LogprobFormatter(tokenizer)
+
+    def submit(plan: Plan) -> Submission:
+        try:
+            return engine.submit(plan.specs)
+        except QueueFullError as exc:
+            # Retry-After lets clients (the OpenAI SDK among them) back off before retrying.
+            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineClosedError as exc:
+            raise APIError(503, str(exc), code="engine_closed") from None
+
+    async def collect(request: Request, submission: Submission) -> list[_Choice]:
+        choices = [_Choice() for _ in submission.sequences]
+        async with _watching(request, submission):
+            async for index, delta in submission.events():
+                choices[index].add(delta)
+        failed = next((c.error for c in choices if c.finish == "error"), None)
+        if failed:
+            raise APIError(500 if engine.alive else 503, failed, type="server_error")
+        return choices
+
+    def streaming(events: AsyncIterator[str], submission: Submission) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response is cancelled) or we are done
+                if not submission.done:
+                    submission.cancel()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    async def chunks(submission: Submission, plan: Plan, make: Callable[..., dict[str, Any]],
+                     first: Callable[[int], dict[str, Any] | None]) -> AsyncIterator[str]:
+        """SSE events of a streaming response: per delta ``make(index, delta)``, then the usage chunk."""
+        for index in range(len(plan.specs)):
+            opening = first(index)
+            if opening is not None:
+                yield sse(opening)
+        completion_tokens = 0
+        async for index, delta in submission.events():
+            if delta.error:
+                yield sse(error_body(delta.error, "server_error"))
+                continue
+            if delta.text or delta.logprobs or finish_reason(delta):
+                yield sse(make(index, delta))
+            if delta.finish_reason is not None:
+                completion_tokens += delta.completion_tokens
+        if plan.include_usage:
+            yield sse(make(None, None) | {"choices": [], "usage": usage(plan.prompt_tokens, completion_tokens)})
+
+    @app.get("/health", summary="Liveness and load")
+    async def health() -> dict[str, Any]:
+        if not engine.alive:
+            raise APIError(503, "the generation engine is not running", code="engine_closed")
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/v1/models", response_model=ModelList, summary="The served model")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=created)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="One model")
+    async def get_model(model_id: str) -> ModelCard:
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist (this server serves {model_name!r})",
+                           param="model", code="model_not_found")
+        return ModelCard(id=model_name, created=created)
+
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI API)")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        dialog = dialog_from_messages(req.messages)
+        try:
+            prompt = await asyncio.to_thread(tokenizer.encode_dialog_prompt, dialog)
+        except TokenizerError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        plan = chat_plan(req, prompt, engine.max_seq_len, engine.vocab_size)
+        submission = submit(plan)
+        rid, stamp = new_id("chatcmpl"), now()
+        base = {"id": rid, "created": stamp, "model": model_name}
+
+        if req.stream:
+            extra = {"usage": None} if plan.include_usage else {}
+
+            def chunk(index: int | None, delta, content: dict | None = None) -> dict[str, Any]:
+                if index is None:
+                    return {**base, "object": "chat.completion.chunk"}
+                if content is None:
+                    content = {"content": delta.text} if (delta.text or delta.logprobs) else {}
+                logprobs = delta.logprobs if delta is not None and req.logprobs else None
+                choice = {"index": index, "delta": content,
+                          "logprobs": formatter.chat(logprobs) if logprobs else None,
+                          "finish_reason": finish_reason(delta) if delta is not None else None}
+                return {**base, "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+            def opening(index: int) -> dict[str, Any]:
+                return chunk(index, None, {"role": "assistant", "content": ""})
+
+            return streaming(chunks(submission, plan, chunk, opening), submission)
+
+        choices = await collect(request, submission)
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": formatter.chat(c.logprobs) if req.logprobs else None, "finish_reason": c.finish}
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(plan.prompt_tokens, sum(c.tokens for c in choices)),
+        }
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI legacy API)")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        try:
+            prompts = await asyncio.to_thread(completion_prompts, req.prompt, tokenizer, engine.vocab_size)
+        except TokenizerError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        plan = completion_plan(req, prompts, engine.max_seq_len, engine.vocab_size)
+        submission = submit(plan)
+        rid, stamp = new_id("cmpl"), now()
+        base = {"id": rid, "object": "text_completion", "created": stamp, "model": model_name}
+        per_prompt = req.n or 1
+        echoes = [tokenizer.decode(p) if req.echo else "" for p in prompts]
+        want_logprobs = req.logprobs is not None
+
+        if req.stream:
+            extra = {"usage": None} if plan.include_usage else {}
+            offsets = [len(echoes[i // per_prompt]) for i in range(len(plan.specs))]
+
+            def chunk(index: int | None, delta, text: str | None = None) -> dict[str, Any]:
+                if index is None:
+                    return dict(base)
+                logprobs = None
+                if want_logprobs and delta is not None:
+                    logprobs = formatter.legacy(delta.logprobs, offsets[index])
+                    offsets[index] += sum(len(e.text) for e in delta.logprobs)
+                choice = {"index": index, "text": delta.text if text is None else text, "logprobs": logprobs,
+                          "finish_reason": finish_reason(delta) if delta is not None else None}
+                return {**base, "choices": [choice], **extra}
+
+            def opening(index: int) -> dict[str, Any] | None:
+                echo = echoes[index // per_prompt]
+                return chunk(index, None, echo) if echo else None
+
+            return streaming(chunks(submission, plan, chunk, opening), submission)
+
+        choices = await collect(request, submission)
+        out = []
+        for i, c in enumerate(choices):
+            echo = echoes[i // per_prompt]
+            logprobs = formatter.legacy(c.logprobs, len(echo)) if want_logprobs else None
+            out.append({"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish})
+        return {**base, "choices": out, "usage": usage(plan.prompt_tokens, sum(c.tokens for c in choices))}
+
+    return app

@@ -1,0 +1,97 @@
+"""Request bodies of the OpenAI API, validated by pydantic (and published in /openapi.json).
+
+Ranges follow OpenAI and vLLM: temperature in [0, 2], top_p in (0, 1], penalties in [-2, 2], logit_bias values
+in [-100, 100], max_tokens >= 1. Unknown fields are ignored, as OpenAI-compatible servers do, so clients that
+send newer parameters keep working. ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extensions
+(vLLM's names).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts can be served by a text model."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(description="system, user or assistant (developer is read as system)")
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(BaseModel):
+    """Parameters shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="ignored: the server serves one model and answers with its name")
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
+        None, description="0 is greedy (default 1)"
+    )
+    top_p: Probability | None = Field(None, description="nucleus mass (default 1)")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(None, description="choices per prompt (default 1)")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="default: what the context leaves")
+    stop: str | list[str] | None = Field(None, description="stop strings, added to the model's own stop tokens")
+    seed: Seed | None = Field(None, description="same seed and request give the same output")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit"
+    )
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="extension: keep the k likeliest tokens")
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="newer name of max_tokens")
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, or token id lists")
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(None, description="number of top alternatives")
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llama3"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
