@@ -9,64 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import Llama3Error
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2048, max_batch_size: int = 1) -> None:
-    """Options shared by every command that loads a model."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face dir or a Meta dir (default: SmolLM2-135M-Instruct)")
-    group.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
-    group.add_argument("--max-seq-len", type=int, default=max_seq_len, help="context length to allocate (default %(default)s)")
-    group.add_argument("--max-batch-size", type=int, default=max_batch_size, help=argparse.SUPPRESS if max_batch_size == 1 else "rows decoded together (default %(default)s)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    group.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int | None) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", "-t", type=float, default=0.6, help="0 = greedy (default %(default)s)")
-    group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default %(default)s)")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off")
-    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    group.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
-    group.add_argument("--presence-penalty", type=float, default=0.0)
-    group.add_argument("--frequency-penalty", type=float, default=0.0)
-    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    group.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="most tokens to generate (default: %(default)s; none = fill the context)")
-    parser.add_argument("--no-stats", action="store_true", help="do not print load time and tokens/s on stderr")
-
-
-def build_llm(args: argparse.Namespace):
-    """``Llama.build`` from the model options."""
-    import torch
-
-    from .generation import Llama
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise Llama3Error(f"--threads must be >= 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as exc:
-        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
-    llm = Llama.build(
-        args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-        device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
-    )  # fmt: skip
-    if not getattr(args, "no_stats", False):
-        name = args.model or "default model (SmolLM2-135M-Instruct)"
-        print(f"Loaded {name} in {llm.load_seconds:.2f} seconds on {llm.device}", file=sys.stderr)
-    return llm
-
+from .options import add_model_arguments, add_sampling_arguments, build_llm
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(

@@ -17,35 +17,21 @@ import sys
 from pathlib import Path
 
 from ..errors import Llama3Error
+from ..options import add_model_arguments, build_llm
 
 __all__ = ["add_arguments", "create_app", "run", "serve"]
-
-DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``llama3 serve`` (model options named as in the other ``llama3`` commands)."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", "-m", default=None,
-                       help="a .gguf file, a Hugging Face dir or a Meta dir (default: SmolLM2-135M-Instruct)")
-    model.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
-    model.add_argument("--model-name", default=None, help="name the API reports (default: the model file's stem)")
-    model.add_argument("--max-seq-len", "--ctx-size", dest="max_seq_len", type=int, default=2048,
-                       help="context per request, prompt + output (default %(default)s, at most the model's)")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                       help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    model.add_argument("--no-quant", action="store_true",
-                       help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
-    model.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
+    add_model_arguments(parser, max_batch_size=8)
+    parser.add_argument("--model-name", default=None, help="name the API reports (default: the model file's stem)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
     server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LLAMA3_API_KEY if set)")
-    server.add_argument("--max-batch-size", type=int, default=8,
-                        help="sequences decoded together (default %(default)s)")
     server.add_argument("--max-queue", type=int, default=64,
                         help="sequences that may wait for a free slot; beyond that requests get 429 "
                         "(default %(default)s)")
@@ -64,32 +50,18 @@ def _is_loopback(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> None:
     """Load the model, then serve until interrupted (Llama3Error for unusable arguments or files)."""
-    import torch
     import uvicorn
 
     from ..assets import default_model_path
     from ..engine import Engine
-    from ..generation import Llama
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llama3.server")
     if args.max_batch_size < 1 or args.max_queue < 0 or args.max_seq_len < 2 or not 0 <= args.port < 65536:
         raise Llama3Error("--max-batch-size must be >= 1, --max-queue >= 0, --max-seq-len >= 2, --port in 0..65535")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise Llama3Error(f"--threads must be >= 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as exc:
-        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
+    llm = build_llm(args, announce=False)
     path = Path(args.model).expanduser() if args.model else default_model_path()
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    llm = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-                      device=device, dtype=dtype, quantize=None if args.no_quant else "auto")
     log.info("loaded %s in %.2f s on %s", path, llm.load_seconds or 0.0, llm.device)
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, seed=args.seed, threads=args.threads)
