@@ -7,8 +7,10 @@ temperature/top-p. Forbidden tokens get ``-inf``; "finish now" is expressed by a
 tokenizer's stop tokens. Pass them as ``logits_processors=[[proc, ...], ...]`` (one list per row) to
 ``Llama.generate``, ``text_completion`` or ``chat_completion``.
 
-Hard constraints are byte-level automata (:class:`ChoiceAutomaton`, :class:`NumberListAutomaton`)
-driven by :class:`AutomatonConstraint`. Working on token *bytes* rather than decoded text makes the
+Hard constraints are byte-level automata (:class:`ChoiceAutomaton`: one of fixed strings;
+:class:`NumberListAutomaton`: distinct numbers from a set, comma-separated; :class:`CopyAutomaton`:
+phrases copied from a source text) driven by :class:`AutomatonConstraint`. Soft ones edit scores:
+:class:`CopyBiasProcessor` favours a source's tokens, :class:`LineLimitProcessor` ends after a line. Working on token *bytes* rather than decoded text makes the
 same automaton correct for every vocabulary: GPT-2 byte BPE (SmolLM2: one token per digit, ``","``
 and ``" "`` apart) and tiktoken (Llama 3: ``"12"`` or ``"100"`` may be one token, ``", "`` may be
 one token). The allowed set of a step is found by walking a byte trie of the candidate tokens in
@@ -18,6 +20,7 @@ lock-step with the automaton, so only viable prefixes are visited.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +31,7 @@ __all__ = [
     "AutomatonConstraint",
     "ByteAutomaton",
     "ChoiceAutomaton",
+    "CopyAutomaton",
     "CopyBiasProcessor",
     "LineLimitProcessor",
     "NumberListAutomaton",
@@ -75,14 +79,18 @@ class TokenTable:
             except Exception:  # an id the tokenizer cannot render (unused slot): never allowed
                 table.append(b"")
         self.token_bytes: list[bytes] = table
-        self._tries: dict[bytes, _TrieNode] = {}
+        self._tries: OrderedDict[bytes, _TrieNode] = OrderedDict()
         self._by_bytes: dict[bytes, list[int]] | None = None
+
+    MAX_TRIES = 8  # copy constraints bring a new alphabet per prompt: keep only the recent tries
 
     def trie(self, alphabet: bytes) -> _TrieNode:
         """Trie of all tokens made only of bytes in ``alphabet`` (cached per alphabet)."""
         key = bytes(sorted(set(alphabet)))
         root = self._tries.get(key)
-        if root is None:
+        if root is not None:
+            self._tries.move_to_end(key)
+        else:
             root = _TrieNode()
             for i, b in enumerate(self.token_bytes):
                 if b and not b.translate(None, key):  # every byte of the token is in the alphabet
@@ -91,6 +99,8 @@ class TokenTable:
                         node = node.children.setdefault(byte, _TrieNode())
                     node.ids.append(i)
             self._tries[key] = root
+            while len(self._tries) > self.MAX_TRIES:
+                self._tries.popitem(last=False)
         return root
 
     def ids_of(self, text: bytes) -> list[int]:
@@ -217,6 +227,77 @@ class NumberListAutomaton:
         return n is not None and n not in state.used and len(state.used) + 1 == self.count
 
 
+def _is_word_byte(b: int) -> bool:
+    # ASCII letters/digits, and every byte of a multi-byte UTF-8 character (non-Latin words, accents).
+    return b >= 0x80 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
+
+
+@dataclass(frozen=True)
+class _CopyState:
+    positions: frozenset[int] | None  # where the current phrase may continue in the source; None: none started
+    count: int  # phrases finished (followed by a comma)
+    after_comma: bool
+
+
+class CopyAutomaton:
+    """Accepts 1..``max_items`` phrases copied verbatim from ``source``, separated by ``","``/``", "``.
+
+    A phrase starts at the beginning of a word of the source and ends at the end of a word (it
+    may span several words and the punctuation between them, but never a comma: the comma is the
+    separator). For extraction tasks: entities of a query, a keyphrase of a review.
+    """
+
+    def __init__(self, source: str, max_items: int = 1) -> None:
+        src = source.encode("utf-8")
+        word = [_is_word_byte(b) for b in src]
+        n = len(src)
+        self.src = src
+        self.max_items = max_items
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        ends = {q for q in range(1, n + 1) if word[q - 1] and (q == n or not word[q])}
+        # finishable[p]: a phrase that has reached position p can still end at a word end without a comma.
+        finishable = [False] * (n + 1)
+        finishable[n] = n in ends
+        for p in range(n - 1, -1, -1):
+            finishable[p] = p in ends or (src[p] != 44 and finishable[p + 1])
+        self.ends = frozenset(ends)
+        self._finishable = finishable
+        self.starts = frozenset(p for p in range(n) if word[p] and (p == 0 or not word[p - 1]) and finishable[p])
+        if not self.starts:
+            raise ValueError(f"CopyAutomaton: no word to copy in {source!r:.60}")
+        self.alphabet = bytes(sorted((set(src) - {44}) | {44, 32}))
+        longest, run = 0, 0
+        for b in src:
+            run = 0 if b == 44 else run + 1
+            longest = max(longest, run)
+        self.max_len = max_items * longest + (max_items - 1) * 2
+
+    def start(self) -> _CopyState:
+        return _CopyState(None, 0, False)
+
+    def _advance(self, positions: frozenset[int] | Iterable[int], byte: int) -> frozenset[int] | None:
+        src, ok = self.src, self._finishable
+        nxt = frozenset(p + 1 for p in positions if p < len(src) and src[p] == byte and ok[p + 1])
+        return nxt or None
+
+    def step(self, state: _CopyState, byte: int) -> _CopyState | None:
+        if state.positions is None:  # between phrases
+            if byte == 32 and state.after_comma:
+                return _CopyState(None, state.count, False)
+            nxt = self._advance(self.starts, byte) if byte != 44 else None
+            return _CopyState(nxt, state.count, False) if nxt else None
+        if byte == 44:
+            if state.count + 1 >= self.max_items or not (state.positions & self.ends):
+                return None
+            return _CopyState(None, state.count + 1, True)
+        nxt = self._advance(state.positions, byte)
+        return _CopyState(nxt, state.count, False) if nxt else None
+
+    def accepts(self, state: _CopyState) -> bool:
+        return state.positions is not None and bool(state.positions & self.ends)
+
+
 # ---------------------------------------------------------------------------------------------
 # Processors
 
@@ -235,6 +316,7 @@ class AutomatonConstraint:
 
     Stop tokens are allowed exactly when the output so far is accepted; once nothing can follow,
     only stop tokens remain, so generation ends by itself (give ``max_gen_len >= max_tokens``).
+    It follows one row's output incrementally: use one instance per row and generation.
     """
 
     def __init__(self, tokenizer: TokenizerLike, automaton: ByteAutomaton) -> None:

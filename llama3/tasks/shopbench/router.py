@@ -30,7 +30,9 @@ _PICK = re.compile(rf"\b(?:output|select|choose|pick|recommend|return)\s+(?:only
 _RANK = re.compile(r"\brank(?:ing|ed)?\b|\bpermutation\b|\bre-?order\b|\bsort\b", re.IGNORECASE)
 _NER = re.compile(r"\bentity type\b|\bentities\b|\bnamed entit", re.IGNORECASE)
 _SCALE = re.compile(r"\bscale of (\d) to (\d)\b", re.IGNORECASE)
-_QUERY_LINE = re.compile(r"^(?:Query|Input|Text|Sentence|Product|Title)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_SOURCE_LINE = re.compile(r"^(?:Query|Input|Text|Sentence|Product|Title|Review)\s*:[ \t]*(\S.*)$",
+                          re.IGNORECASE | re.MULTILINE)
+_EXTRACT = re.compile(r"\bextract\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Route:
     options: tuple[int, ...] = ()  # MC: the single-digit option labels offered
     items: tuple[int, ...] = ()  # ranking/retrieval: the labels of the numbered list
     pick: int | None = None  # retrieval: how many items to output
-    source: str | None = None  # NER: the text entities are extracted from
+    source: str | None = None  # NER / extractive generation: the text the answer is copied from
 
 
 def numbered_items(prompt: str) -> tuple[int, ...]:
@@ -65,10 +67,10 @@ def _pick_count(prompt: str) -> int | None:
     return None
 
 
-def _source_text(prompt: str) -> str:
-    """The text an extraction answer should be copied from: the last ``Query:``-like line, else the prompt."""
-    found = _QUERY_LINE.findall(prompt)
-    return found[-1].strip() if found else prompt.strip()
+def _source_text(prompt: str) -> str | None:
+    """The text an extraction answer is copied from: the last ``Query:``/``Review:``-like line with text."""
+    found = _SOURCE_LINE.findall(prompt)
+    return found[-1].strip() if found else None
 
 
 def route(prompt: str, is_multiple_choice: bool) -> Route:
@@ -77,7 +79,8 @@ def route(prompt: str, is_multiple_choice: bool) -> Route:
     Multiple-choice comes from the flag. Otherwise a numbered list with an order word ("rank",
     "permutation") is ranking; a numbered list with "output/select N" or more than five items is
     retrieval; an "entity type" question is NER; anything else is generation (the safe default:
-    free text is parsed and scored leniently).
+    free text is parsed and scored leniently). An extraction question ("extract ... from the
+    review") keeps the labelled text it refers to as ``source``.
     """
     items = numbered_items(prompt)
     if is_multiple_choice:
@@ -98,7 +101,8 @@ def route(prompt: str, is_multiple_choice: bool) -> Route:
         if len(listed) > 5:
             return Route(RETRIEVAL, items=listed, pick=3)
     if _NER.search(prompt):
-        return Route(NER, source=_source_text(prompt))
+        return Route(NER, source=_source_text(prompt) or prompt.strip())
     if listed and len(listed) <= 5:
         return Route(RANKING, items=listed)
-    return Route(GENERATION)
+    # "Extract the keyphrase from the review": a generation answer copied from the labelled text.
+    return Route(GENERATION, source=_source_text(prompt) if _EXTRACT.search(prompt) else None)
