@@ -62,7 +62,7 @@ class DecodeBatch:
         self.want_logprobs, self.echo_logprobs = logprobs, echo_logprobs
         self.rows = [Row(list(p), budget=min(max_gen_len, model.cache_len - len(p))) for p in prompts]
         self.processors = list(processors) if processors is not None else [None] * len(self.rows)
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         vocab = model.config.vocab_size
         self.output_counts = self.prompt_mask = None
         if params.needs_history:

@@ -188,7 +188,7 @@ class Engine:
         self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
         if model.cache_batch != max_batch_size or model.cache_len != max_seq_len:
             model.setup_cache(max_batch_size, max_seq_len)
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.vocab_size = model.config.vocab_size
         self.stop_tokens = frozenset(tokenizer.stop_tokens)
         self._seeds = random.Random(seed)  # seeds of requests that bring none

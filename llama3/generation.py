@@ -139,7 +139,7 @@ class Llama:
             raise GenerationError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.load_seconds: float | None = None
         model.setup_cache(max_batch_size, max_seq_len)

@@ -176,9 +176,14 @@ class Transformer(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
 
+    @property
+    def device(self) -> torch.device:
+        # The norms are always plain parameters; embeddings and linears may be quantized modules.
+        return self.norm.weight.device
+
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate the static KV cache once for ``max_batch_size`` rows of ``max_seq_len`` positions."""
-        device = self.tok_embeddings.weight.device
+        device = self.device
         dtype = dtype or self.norm.weight.dtype
         for layer in self.layers:
             attn = layer.attention

@@ -153,6 +153,7 @@ def test_real_model_constrained_answers_always_parse(default_llm):
         assert_well_formed(q, p.response)
 
 
+@pytest.mark.slow  # loads the default model and runs a slice of the dev set through the CLI
 @needs_dev
 def test_cli_end_to_end_small_slice(tmp_path, capsys):
     """``llama3 eval shopbench`` on one record per task type plus a malformed line, with the default model."""

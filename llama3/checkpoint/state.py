@@ -97,18 +97,14 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(config)
 
+    # Our quantized kernels are CPU kernels; on a GPU, dense bf16 weights are the fast path.
+    keep_quantized = quantize == "auto" and device.type == "cpu"
     tensors: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         module_name = name.removesuffix(".weight")
         if isinstance(value, GGMLTensor):
-            module = model.get_submodule(module_name)
-            if quantize == "auto" and isinstance(module, nn.Linear):
-                from ..quant import quantized_linear
-
-                qlinear = quantized_linear(value, dtype=dtype, device=device)
-                if qlinear is not None:
-                    _set_module(model, module_name, qlinear)
-                    continue
+            if keep_quantized and _swap_quantized(model, module_name, value, config, dtype, device):
+                continue
             value = value.dequantize()
         tensors[name] = value.to(device=device, dtype=dtype)
 
@@ -123,6 +119,32 @@ def build_model(
     model.rope = rope_table(config, min(config.max_seq_len, 2048), device)
     # Loaded weights are for inference; fine-tuning code re-enables gradients where it needs them.
     return model.eval().requires_grad_(False)
+
+
+def _swap_quantized(
+    model: Transformer, module_name: str, t: GGMLTensor, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Replace ``module_name`` by a module that keeps ``t`` in its GGUF blocks; False if no kernel fits."""
+    from ..quant import quantized_embedding, quantized_linear, tied_output
+
+    module = model.get_submodule(module_name)
+    if isinstance(module, nn.Linear):
+        replacement = quantized_linear(t, dtype=dtype, device=device)
+    elif isinstance(module, nn.Embedding):
+        replacement = quantized_embedding(t, dtype=dtype, device=device)
+        if replacement is not None and config.tie_embeddings:
+            # The tied head reads the embedding's blocks. Without a kernel for it, keep one float table for both
+            # rather than a quantized embedding next to a float copy of the same matrix.
+            head = tied_output(replacement)
+            if head is None:
+                return False
+            _set_module(model, "output", head)
+    else:
+        return False
+    if replacement is None:
+        return False
+    _set_module(model, module_name, replacement)
+    return True
 
 
 def _quantized_modules(model: nn.Module) -> set[str]:

@@ -1,0 +1,143 @@
+"""Drop-in replacements for ``nn.Linear`` and ``nn.Embedding`` that keep GGUF weights in their blocks.
+
+Both hold the raw ggml blocks as a uint8 buffer ``blocks`` of shape (rows, bytes_per_row) -- on CPU a
+zero-copy view of the memory-mapped file -- and never materialise the whole float matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+from .blocks import FORMATS, dequantize_rows
+
+# The portable path dequantizes at most this many bytes of float weights at a time.
+_PORTABLE_SLAB_BYTES = 32 << 20
+NATIVE_TYPES = frozenset({2, 3, 8})  # Q4_0, Q4_1, Q8_0: the types kernels.cpp implements
+
+
+def _type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(ggml_type).name
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T with W (out_features, in_features) stored as ggml blocks; no bias.
+
+    CPU + AVX2: ``llama3_quant::qmatmul`` (fused block kernel for few rows, dequantize-to-slab + BLAS GEMM
+    for many). Elsewhere (CUDA, other CPUs): dequantize slabs of W to x's dtype with torch ops and F.linear.
+    """
+
+    is_quantized = True
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        block_size, block_bytes, _ = FORMATS[ggml_type]
+        if tuple(blocks.shape) != (out_features, in_features // block_size * block_bytes) or in_features % block_size:
+            raise ValueError(
+                f"{_type_name(ggml_type)} blocks of shape {list(blocks.shape)} do not encode a "
+                f"{out_features} x {in_features} matrix"
+            )
+        self.ggml_type, self.in_features, self.out_features = int(ggml_type), in_features, out_features
+        # Not persistent: state_dict() keeps the model's float layout; the blocks follow .to(device).
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.native = False
+        self._choose_path()
+
+    def _choose_path(self) -> None:
+        self.native = self.ggml_type in NATIVE_TYPES and self.blocks.device.type == "cpu" and native.available()
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the blocks; pick the kernel for the new device once here, not on every call.
+        result = super()._apply(fn, recurse)
+        self._choose_path()
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:  # the op flattens, casts and restores x's shape and dtype itself
+            return native.qmatmul(x, self.blocks, self.ggml_type, self.in_features)
+        return self._portable(x.reshape(-1, self.in_features)).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _portable(self, x2: torch.Tensor) -> torch.Tensor:
+        # CPU BLAS is slow in bfloat16/float16 without AVX512-BF16, so CPU computes in float32.
+        compute = torch.float32 if x2.device.type == "cpu" else x2.dtype
+        x2 = x2.to(compute)
+        rows = max(1, _PORTABLE_SLAB_BYTES // (4 * self.in_features))
+        if rows >= self.out_features:
+            return F.linear(x2, self.dequantized_weight(compute))
+        parts = [
+            F.linear(x2, dequantize_rows(self.blocks[i : i + rows], self.ggml_type).to(compute))
+            for i in range(0, self.out_features, rows)
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole float matrix (out_features, in_features), as gguf would dequantize it (then cast)."""
+        return dequantize_rows(self.blocks, self.ggml_type).to(dtype)
+
+    def extra_repr(self) -> str:
+        kind = "native" if self.native else "portable"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {_type_name(self.ggml_type)}, {kind}"
+
+
+class QuantLinearCat(nn.Module):
+    """Several QuantLinear sharing their input, acting as one Linear whose weight is their row-concatenation.
+
+    ``forward(x)`` = ``torch.cat([p(x) for p in parts], -1)``. When all parts use the same native kernel
+    type, it runs as a single ``qmatmul_cat`` call: one pass, one coding of x, one parallel region instead
+    of one per matrix, which is what small decode-time matmuls (wq/wk/wv, w1/w3) are dominated by. The
+    parts keep their own (zero-copy) blocks: nothing is concatenated in memory.
+    """
+
+    is_quantized = True
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        super().__init__()
+        if not parts or len({p.in_features for p in parts}) != 1:
+            raise ValueError("QuantLinearCat needs one or more QuantLinear with the same in_features")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.sizes = [p.out_features for p in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.parts[0]
+        if all(p.native and p.ggml_type == first.ggml_type for p in self.parts):
+            return native.qmatmul_cat(x, [p.blocks for p in self.parts], first.ggml_type, self.in_features)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding over ggml blocks: gathers the requested rows' blocks and decodes only those."""
+
+    is_quantized = True
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, num_embeddings: int, embedding_dim: int,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        super().__init__()
+        block_size, block_bytes, _ = FORMATS[ggml_type]
+        if (
+            tuple(blocks.shape) != (num_embeddings, embedding_dim // block_size * block_bytes)
+            or embedding_dim % block_size
+        ):
+            raise ValueError(
+                f"{_type_name(ggml_type)} blocks of shape {list(blocks.shape)} do not encode a "
+                f"{num_embeddings} x {embedding_dim} table"
+            )
+        self.ggml_type, self.num_embeddings, self.embedding_dim = int(ggml_type), num_embeddings, embedding_dim
+        self.register_buffer("blocks", blocks, persistent=False)
+        # Empty float buffer whose dtype is the output dtype, so that module.to(dtype) changes it too.
+        self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=blocks.device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, tokens.reshape(-1))  # (B*T, bytes_per_row)
+        values = dequantize_rows(rows, self.ggml_type).to(self.dtype_ref.dtype)
+        return values.view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, {_type_name(self.ggml_type)}, dtype={self.dtype_ref.dtype}"
+        )

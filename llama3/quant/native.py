@@ -1,0 +1,118 @@
+"""Just-in-time build and loading of the AVX2 kernels in ``kernels.cpp`` (``torch.ops.llama3_quant``).
+
+The first call on a machine compiles the C++ file with the system compiler (about 15 s; cached afterwards
+under torch's extension directory, keyed by the source's hash). Where that is impossible (no compiler,
+not x86-64 Linux, no AVX2, or ``LLAMA3_QUANT_NATIVE=0``) ``available()`` is False and the quantized modules
+use their portable torch path instead, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+# Up to this many rows the fused block kernel beats dequantize + BLAS GEMM. Measured on the 2-core Zen 3
+# at SmolLM2's shapes (benchmarks/quant_kernels.py): single-threaded the two tie around 16-32 rows; with
+# 2 threads the GEMM path pays for two parallel regions (dequantize, then BLAS) and the fused kernel was
+# faster at 32 rows, which is also the batched-decode case (32 sequences).
+FUSED_MAX_ROWS = 32
+# Rows of W dequantized per BLAS call on the GEMM path: big enough for an efficient GEMM, small enough to
+# stay in cache and to keep the transient float32 copy negligible (the 49152 x 576 head needs 28 slabs).
+SLAB_BYTES = 4 << 20
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def available() -> bool:
+    """Whether the native CPU kernels can be used in this process (builds them on the first call)."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _load()
+    return _loaded
+
+
+def _unsupported_reason() -> str | None:
+    if os.environ.get("LLAMA3_QUANT_NATIVE", "1") == "0":
+        return "disabled by LLAMA3_QUANT_NATIVE=0"
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"no kernels for {sys.platform}/{platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the CPU lacks AVX2"
+    return None
+
+
+def _load() -> bool:
+    reason = _unsupported_reason()
+    if reason is not None:
+        if reason.startswith("disabled"):
+            return False
+        warnings.warn(f"llama3.quant: {reason}; quantized layers use the slower portable path", stacklevel=3)
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        _log.info("llama3.quant: loading the CPU kernels (compiled on first use, about 15 s)")
+        load(
+            name="llama3_quant",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            # -fopenmp links libgomp by soname; torch has already loaded its own, so both share one pool.
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 -- no compiler, no ninja, read-only cache dir: all mean fall back
+        warnings.warn(
+            f"llama3.quant: could not build the CPU kernels ({type(exc).__name__}: {exc}); "
+            "quantized layers use the slower portable path",
+            stacklevel=3,
+        )
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    """Shape functions so that torch.compile can trace through the custom ops without running them."""
+
+    @torch.library.register_fake("llama3_quant::qmatmul")
+    def _qmatmul(x, blocks, qtype, in_features, fused_max_rows, slab_bytes):
+        return x.new_empty((*x.shape[:-1], blocks.shape[0]))
+
+    @torch.library.register_fake("llama3_quant::qmatmul_cat")
+    def _qmatmul_cat(x, blocks, qtype, in_features, fused_max_rows, slab_bytes):
+        return x.new_empty((*x.shape[:-1], sum(b.shape[0] for b in blocks)))
+
+    @torch.library.register_fake("llama3_quant::dequantize")
+    def _dequantize(blocks, qtype, in_features):
+        return blocks.new_empty((blocks.shape[0], in_features), dtype=torch.float32)
+
+
+def qmatmul(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """x (..., K) @ W^T for W given as ggml blocks (N, bytes_per_row) on CPU -> (..., N) in x's dtype.
+
+    Computed in float32 whatever x's dtype (weights decoded exactly, float32 sums).
+    """
+    return torch.ops.llama3_quant.qmatmul.default(x, blocks, ggml_type, in_features, FUSED_MAX_ROWS, SLAB_BYTES)
+
+
+def qmatmul_cat(x: torch.Tensor, blocks: list[torch.Tensor], ggml_type: int, in_features: int) -> torch.Tensor:
+    """x @ [W_1; W_2; ...]^T for same-type matrices sharing x (e.g. wq, wk, wv): one call, one pass."""
+    return torch.ops.llama3_quant.qmatmul_cat.default(x, blocks, ggml_type, in_features, FUSED_MAX_ROWS, SLAB_BYTES)
+
+
+def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """The float32 matrix (N, K) encoded by ``blocks``, bit-identical to gguf's dequantizer."""
+    return torch.ops.llama3_quant.dequantize(blocks, ggml_type, in_features)
