@@ -124,12 +124,11 @@ class Attention(nn.Module):
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)  # (B, H, T, D)
-        # Grouped-query attention: kv head j serves query heads j*n_rep .. j*n_rep+n_rep-1.
-        n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            keys = keys.repeat_interleave(n_rep, dim=1)
-            values = values.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        # Grouped-query attention: kv head j serves query heads j*n_rep .. j*n_rep+n_rep-1. SDPA's enable_gqa
+        # broadcasts the kv heads instead of materialising repeated copies of the cache every step.
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

@@ -1,0 +1,316 @@
+"""``llama3 bench``: this engine's load time, prefill, decode and batched throughput, and peak memory.
+
+The workloads are those of issue 5, shared with ``benchmarks/compare.py`` (which runs the same token ids
+through llama.cpp and transformers; its llama3 worker *is* this command with ``--prompts``):
+
+* decode / prefill: one prompt of ``--prompt-tokens`` (256) tokens, then ``--gen-tokens`` (128) greedy new
+  tokens; prefill tok/s = prompt tokens / time to the first new token, decode tok/s = the later tokens /
+  their time (prefill excluded).
+* batched: ``--batch`` (32) different prompts of 100-400 tokens (seeded lengths), ``--batch-gen-tokens`` (32)
+  greedy new tokens each, all in one ``Llama.generate`` call; total generated tokens / wall time.
+* peak resident memory (``ru_maxrss``): after the single-stream workloads, and after the batch (whose KV
+  cache holds every row).
+
+Stop tokens are forbidden (a large negative logit bias), never just ignored, so every engine generates
+exactly the same number of tokens and still picks the same greedy tokens. Each workload runs ``--warmup``
+times untimed, then ``--repeat`` times; medians are reported, with min/max and every run in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Llama3Error
+from .options import add_model_arguments, build_llm
+
+FORBID = -1e30  # logit bias that rules a token out (SamplingParams wants a finite bias)
+
+# Word lists for deterministic, varied English; every prompt is a different seeded draw of sentences.
+_SUBJECTS = (
+    "The old fisherman", "A young engineer", "My neighbour", "The village council", "Our history teacher",
+    "A tired traveller", "The city library", "Her younger brother", "The research team", "A quiet student",
+    "The baker on the corner", "Every morning the farmer", "The orchestra", "A curious child", "The captain",
+    "Two old friends", "The new manager", "A small robot", "The museum guide", "His grandmother",
+)
+_VERBS = (
+    "carefully repaired", "slowly painted", "proudly described", "quickly sold", "patiently explained",
+    "happily shared", "secretly studied", "loudly praised", "gently moved", "finally opened",
+    "often visited", "nearly forgot", "eagerly measured", "calmly collected", "bravely crossed",
+)
+_OBJECTS = (
+    "a wooden boat", "the broken clock", "an ancient map", "three baskets of apples", "the long report",
+    "a letter from abroad", "the stone bridge", "a box of old photographs", "the garden fence",
+    "a recipe for bread", "the mountain trail", "a set of blue tiles", "the rusty bicycle", "a book about stars",
+    "the school play", "a jar of honey", "the winter coat", "a map of the river", "the kitchen window",
+)
+_PLACES = (
+    "near the harbour", "behind the town hall", "in the crowded market", "at the edge of the forest",
+    "beside the railway station", "on the top floor", "under the old oak tree", "in a small workshop",
+    "across the valley", "along the northern coast", "inside the quiet church", "at the busy crossroads",
+)
+_TIMES = (
+    "before sunrise", "after the storm", "during the holidays", "on a cold Tuesday", "late in the evening",
+    "at the end of summer", "while it was raining", "just after lunch", "in the spring of that year",
+    "before the guests arrived", "once the snow had melted", "during the long night",
+)
+_ENDINGS = (
+    "Nobody expected it to take so long.", "Everyone agreed that it had been worth the effort.",
+    "It was the first time anyone had tried.", "The neighbours talked about it for weeks.",
+    "Later they wrote the whole story down.", "Some of them still remember that day.",
+    "A few people laughed, but most were impressed.", "Then they went home and slept for hours.",
+)
+
+
+def english_text(rng: random.Random, sentences: int) -> str:
+    """``sentences`` seeded, grammatical, varied English sentences."""
+    out = []
+    for _ in range(sentences):
+        parts = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
+        if rng.random() < 0.7:
+            parts.append(rng.choice(_PLACES))
+        if rng.random() < 0.6:
+            parts.append(rng.choice(_TIMES))
+        out.append(" ".join(parts) + ".")
+        if rng.random() < 0.25:
+            out.append(rng.choice(_ENDINGS))
+    return " ".join(out)
+
+
+def prompt_ids(tokenizer, n_tokens: int, seed: int) -> list[int]:
+    """Exactly ``n_tokens`` ids of seeded English (BOS first when the tokenizer adds one)."""
+    if n_tokens < 1:
+        raise Llama3Error(f"prompt length must be >= 1 token (got {n_tokens})")
+    rng = random.Random(seed)
+    text = ""
+    while True:
+        text += english_text(rng, 8) + "\n\n"
+        ids = tokenizer.encode(text, bos=True, eos=False)
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+
+
+@dataclass
+class Workloads:
+    """The token ids every engine runs, and what is forbidden to generate (the stop tokens)."""
+
+    prompt: list[int]
+    gen_tokens: int
+    batch_prompts: list[list[int]]
+    batch_gen_tokens: int
+    forbidden: list[int]
+
+    @property
+    def context(self) -> int:
+        """Cache positions the longest sequence needs."""
+        lengths = [len(self.prompt) + self.gen_tokens] + [len(p) + self.batch_gen_tokens for p in self.batch_prompts]
+        return max(lengths)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @staticmethod
+    def load(path: str | Path) -> Workloads:
+        try:
+            data = json.loads(Path(path).read_text())
+            return Workloads(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise Llama3Error(f"--prompts {path}: not a workloads file ({exc})") from None
+
+
+def make_workloads(
+    tokenizer,
+    prompt_tokens: int = 256,
+    gen_tokens: int = 128,
+    batch: int = 32,
+    batch_lengths: tuple[int, int] = (100, 400),
+    batch_gen_tokens: int = 32,
+    seed: int = 0,
+) -> Workloads:
+    """Issue 5's workloads as token ids: one decode prompt and ``batch`` prompts of seeded lengths."""
+    low, high = batch_lengths
+    if not 1 <= low <= high:
+        raise Llama3Error(f"batch prompt lengths must satisfy 1 <= min <= max (got {low}..{high})")
+    if gen_tokens < 1 or batch_gen_tokens < 1:
+        raise Llama3Error("--gen-tokens and --batch-gen-tokens must be >= 1")
+    rng = random.Random(seed)
+    lengths = [rng.randint(low, high) for _ in range(batch)]
+    return Workloads(
+        prompt=prompt_ids(tokenizer, prompt_tokens, seed),
+        gen_tokens=gen_tokens,
+        batch_prompts=[prompt_ids(tokenizer, n, seed + 1 + i) for i, n in enumerate(lengths)],
+        batch_gen_tokens=batch_gen_tokens,
+        forbidden=sorted(tokenizer.stop_tokens),
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and every run."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def time_decode(llm, workloads: Workloads) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds, generated ids) of the decode workload, stepping a ``DecodeBatch``:
+    the first step is the prompt's forward plus the first token, the later ones one token each."""
+    from .decoder import DecodeBatch
+    from .sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, logit_bias={t: FORBID for t in workloads.forbidden})
+    batch = DecodeBatch(llm.model, [workloads.prompt], workloads.gen_tokens, params, llm.tokenizer.stop_tokens)
+    start = time.perf_counter()
+    batch.step()
+    first = time.perf_counter()
+    while not batch.done:
+        batch.step()
+    end = time.perf_counter()
+    generated = batch.rows[0].generated
+    if len(generated) != workloads.gen_tokens:
+        raise Llama3Error(f"decode generated {len(generated)} tokens, expected {workloads.gen_tokens}")
+    return first - start, end - first, generated
+
+
+def time_batched(llm, workloads: Workloads) -> tuple[float, int]:
+    """(seconds, generated tokens) of one ``Llama.generate`` call over every batch prompt, greedy."""
+    bias = {t: FORBID for t in workloads.forbidden}
+    start = time.perf_counter()
+    out, _ = llm.generate(workloads.batch_prompts, workloads.batch_gen_tokens, temperature=0, logit_bias=bias)
+    seconds = time.perf_counter() - start
+    total = sum(len(t) for t in out)
+    if total != len(workloads.batch_prompts) * workloads.batch_gen_tokens:
+        raise Llama3Error(f"batched run generated {total} tokens, expected every row to reach its budget")
+    return seconds, total
+
+
+def measure(llm, workloads: Workloads, repeat: int, warmup: int, log=None) -> dict[str, Any]:
+    """Run the workloads on a loaded ``Llama`` (built with max_batch_size 1) and return the figures."""
+    from .generation import Llama
+
+    say = log or (lambda msg: None)
+    prefill, decode, tokens = [], [], []
+    for i in range(warmup + repeat):
+        pre_s, dec_s, tokens = time_decode(llm, workloads)
+        if i >= warmup:
+            prefill.append(len(workloads.prompt) / pre_s)
+            decode.append((len(tokens) - 1) / dec_s if len(tokens) > 1 else 0.0)
+            say(f"  decode run {i - warmup + 1}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.1f} tok/s")
+    result: dict[str, Any] = {
+        "prefill_tok_s": summary(prefill),
+        "decode_tok_s": summary(decode),
+        "decode_tokens": tokens,
+        "peak_rss_mb_single": peak_rss_mb(),
+    }
+    if workloads.batch_prompts:
+        # A second front end over the same weights: the batch needs a KV cache with a row per prompt.
+        batched_llm = Llama(llm.model, llm.tokenizer, llm.max_seq_len, len(workloads.batch_prompts))
+        rates = []
+        for i in range(warmup + repeat):
+            seconds, total = time_batched(batched_llm, workloads)
+            if i >= warmup:
+                rates.append(total / seconds)
+                say(f"  batched run {i - warmup + 1}: {rates[-1]:.1f} tok/s ({total} tokens in {seconds:.2f} s)")
+        result["batched_tok_s"] = summary(rates)
+        result["batched_tokens"] = total
+        llm.model.setup_cache(1, llm.max_seq_len)  # give the batch's cache back; llm stays usable
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, max_seq_len=512)
+    group = parser.add_argument_group("workloads")
+    group.add_argument("--prompt-tokens", type=int, default=256, help="decode/prefill prompt length (default %(default)s)")
+    group.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens after it (default %(default)s)")
+    group.add_argument("--batch", type=int, default=32, help="prompts in the batched workload, 0 = skip it (default %(default)s)")
+    group.add_argument("--batch-min", type=int, default=100, help="shortest batch prompt (default %(default)s)")
+    group.add_argument("--batch-max", type=int, default=400, help="longest batch prompt (default %(default)s)")
+    group.add_argument("--batch-gen-tokens", type=int, default=32, help="greedy tokens per batch row (default %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the prompt texts and lengths (default %(default)s)")
+    group.add_argument("--prompts", default=None, help="read the workloads (token ids) from this JSON file instead, as benchmarks/compare.py writes it")
+    group.add_argument("--repeat", type=int, default=3, help="timed runs of each workload; the median is reported (default %(default)s)")
+    group.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.repeat < 1 or args.warmup < 0:
+        raise Llama3Error("--repeat must be >= 1 and --warmup >= 0")
+    if args.batch < 0:
+        raise Llama3Error(f"--batch must be >= 0 (got {args.batch})")
+    args.max_batch_size = 1  # the batch gets its own front end (and KV cache) in measure()
+    llm = build_llm(args, announce=False)  # the report below gives the load time
+    if args.prompts:
+        workloads = Workloads.load(args.prompts)
+    else:
+        workloads = make_workloads(
+            llm.tokenizer, args.prompt_tokens, args.gen_tokens, args.batch, (args.batch_min, args.batch_max),
+            args.batch_gen_tokens, args.seed,
+        )  # fmt: skip
+    if workloads.context > llm.max_seq_len:
+        raise Llama3Error(
+            f"the workloads need {workloads.context} positions but --max-seq-len is {llm.max_seq_len}; raise it"
+        )
+    threads = torch.get_num_threads()
+    model = args.model or "default model (SmolLM2-135M-Instruct)"
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"llama3 bench: {model} on {llm.device}, {threads} threads, {args.warmup} warm-up + {args.repeat} runs")
+    figures = measure(llm, workloads, args.repeat, args.warmup, log)
+    result = {
+        "engine": "llama3",
+        "model": str(args.model) if args.model else "default",
+        "device": str(llm.device),
+        "threads": threads,
+        "quantized": not args.no_quant,
+        "load_s": llm.load_seconds,
+        "workload": {
+            "prompt_tokens": len(workloads.prompt), "gen_tokens": workloads.gen_tokens,
+            "batch": len(workloads.batch_prompts), "batch_prompt_tokens": [len(p) for p in workloads.batch_prompts],
+            "batch_gen_tokens": workloads.batch_gen_tokens,
+        },
+        **figures,
+    }  # fmt: skip
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable figures of one ``llama3 bench`` run."""
+
+    def rate(key: str) -> str:
+        s = result[key]
+        return f"{s['median']:9.1f} tok/s  [{s['min']:.1f} - {s['max']:.1f}]"
+
+    w = result["workload"]
+    lines = [
+        f"load           {result['load_s']:9.2f} s",
+        f"prefill        {rate('prefill_tok_s')}  ({w['prompt_tokens']}-token prompt)",
+        f"decode         {rate('decode_tok_s')}  ({w['gen_tokens']} new tokens, prefill excluded)",
+    ]
+    if "batched_tok_s" in result:
+        lengths = w["batch_prompt_tokens"]
+        lines.append(
+            f"batched        {rate('batched_tok_s')}  ({w['batch']} prompts of {min(lengths)}-{max(lengths)} tokens, "
+            f"{w['batch_gen_tokens']} new tokens each, end to end)"
+        )
+    lines.append(f"peak RSS       {result['peak_rss_mb_single']:9.1f} MiB single stream")
+    if "batched_tok_s" in result:
+        lines.append(f"               {result['peak_rss_mb']:9.1f} MiB with the batch's KV cache")
+    return "\n".join(lines)
