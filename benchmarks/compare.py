@@ -46,6 +46,7 @@ METRICS = (
     ("batched_tok_s", "batched", True, "tok/s"),
     ("cold_start_s", "cold start to 1st token", False, "s"),
     ("peak_rss_mb_single", "peak RSS (decode)", False, "MiB"),
+    ("model_rss_mb", "  of which above imports", False, "MiB"),
     ("peak_rss_mb", "peak RSS (with batch)", False, "MiB"),
 )
 # Issue 5's ratio targets: (metric, peer, least ratio ours/peer).
@@ -88,6 +89,14 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def add_derived(engines: dict[str, dict[str, Any]]) -> None:
+    """``model_rss_mb``: the single-stream peak RSS less the worker's RSS after its imports (what the model,
+    its caches and the run cost, without the interpreter and the engine's libraries)."""
+    for figures in engines.values():
+        if "peak_rss_mb_single" in figures and "baseline_rss_mb" in figures:
+            figures["model_rss_mb"] = figures["peak_rss_mb_single"] - figures["baseline_rss_mb"]
 
 
 def evaluate(engines: dict[str, dict[str, Any]], gguf_bytes: int) -> dict[str, Any]:
@@ -274,6 +283,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             # use), so the worker's load time is a warm one for every engine.
             cold = {} if args.no_cold_start else measure_cold_start(engine, args)
             engines[engine] = {**run_worker(engine, args, path, Path(tmp) / f"{engine}.json"), **cold}
+    add_derived(engines)
     verdict = evaluate(engines, args.model.stat().st_size)
     info = machine_info()
     settings = {
@@ -306,7 +316,9 @@ def _rates(prompt_len: int, start: float, stamps: list[float]) -> tuple[float, f
     return prefill, decode
 
 
-def _collect(w: dict, repeat: int, warmup: int, decode_fn, batched_fn, load_s: float, engine: str, version) -> dict:
+def _collect(
+    w: dict, repeat: int, warmup: int, decode_fn, batched_fn, load_s: float, engine: str, version, baseline: float
+) -> dict:
     """Run a peer's decode and batched functions like ``llama3 bench`` does and gather the same figures."""
     prefill, decode, tokens = [], [], []
     for i in range(warmup + repeat):
@@ -318,7 +330,7 @@ def _collect(w: dict, repeat: int, warmup: int, decode_fn, batched_fn, load_s: f
             prefill.append(p)
             decode.append(d)
             print(f"  decode run {i - warmup + 1}: prefill {p:.1f} tok/s, decode {d:.1f} tok/s", file=sys.stderr, flush=True)
-    out = {"engine": engine, "version": version, "load_s": load_s, "prefill_tok_s": summary(prefill),
+    out = {"engine": engine, "version": version, "load_s": load_s, "baseline_rss_mb": baseline, "prefill_tok_s": summary(prefill),
            "decode_tok_s": summary(decode), "decode_tokens": tokens, "peak_rss_mb_single": _peak_rss_mb()}  # fmt: skip
     if w["batch_prompts"]:
         rates = []
@@ -343,6 +355,7 @@ def llamacpp_worker(w: dict, args: argparse.Namespace) -> dict:
     import llama_cpp
     import numpy as np
 
+    baseline = _peak_rss_mb()
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=args.context, n_batch=args.context, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)  # fmt: skip
@@ -370,7 +383,7 @@ def llamacpp_worker(w: dict, args: argparse.Namespace) -> dict:
         # One after another: llama-cpp-python's high-level API has no batched generation.
         return sum(len(decode(p, n)[2]) for p in prompts)
 
-    return _collect(w, args.repeat, args.warmup, decode, batched, load_s, "llama.cpp", llama_cpp.__version__)
+    return _collect(w, args.repeat, args.warmup, decode, batched, load_s, "llama.cpp", llama_cpp.__version__, baseline)
 
 
 def transformers_worker(w: dict, args: argparse.Namespace) -> dict:
@@ -381,6 +394,7 @@ def transformers_worker(w: dict, args: argparse.Namespace) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
+    baseline = _peak_rss_mb()
     start = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(args.model.parent, gguf_file=args.model.name, dtype=torch.float32)
     model.eval()
@@ -426,7 +440,7 @@ def transformers_worker(w: dict, args: argparse.Namespace) -> dict:
         out = model.generate(ids, attention_mask=mask, generation_config=config(n))
         return out[:, width:].numel()
 
-    return _collect(w, args.repeat, args.warmup, decode, batched, load_s, "transformers", transformers.__version__)
+    return _collect(w, args.repeat, args.warmup, decode, batched, load_s, "transformers", transformers.__version__, baseline)
 
 
 def first_token(engine: str, args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ through llama.cpp and transformers; its llama3 worker *is* this command with ``-
 * batched: ``--batch`` (32) different prompts of 100-400 tokens (seeded lengths), ``--batch-gen-tokens`` (32)
   greedy new tokens each, all in one ``Llama.generate`` call; total generated tokens / wall time.
 * peak resident memory (``ru_maxrss``): after the single-stream workloads, and after the batch (whose KV
-  cache holds every row).
+  cache holds every row); also the baseline before loading (interpreter + torch + llama3 imports).
 
 Stop tokens are forbidden (a large negative logit bias), never just ignored, so every engine generates
 exactly the same number of tokens and still picks the same greedy tokens. Each workload runs ``--warmup``
@@ -253,7 +253,10 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error("--repeat must be >= 1 and --warmup >= 0")
     if args.batch < 0:
         raise Llama3Error(f"--batch must be >= 0 (got {args.batch})")
+    from .generation import Llama  # noqa: F401 -- imported before the baseline so that it counts in it
+
     args.max_batch_size = 1  # the batch gets its own front end (and KV cache) in measure()
+    baseline = peak_rss_mb()  # the interpreter, torch and this package, before any model
     llm = build_llm(args, announce=False)  # the report below gives the load time
     if args.prompts:
         workloads = Workloads.load(args.prompts)
@@ -278,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": threads,
         "quantized": not args.no_quant,
         "load_s": llm.load_seconds,
+        "baseline_rss_mb": baseline,
         "workload": {
             "prompt_tokens": len(workloads.prompt), "gen_tokens": workloads.gen_tokens,
             "batch": len(workloads.batch_prompts), "batch_prompt_tokens": [len(p) for p in workloads.batch_prompts],
@@ -310,7 +314,10 @@ def format_report(result: dict[str, Any]) -> str:
             f"batched        {rate('batched_tok_s')}  ({w['batch']} prompts of {min(lengths)}-{max(lengths)} tokens, "
             f"{w['batch_gen_tokens']} new tokens each, end to end)"
         )
-    lines.append(f"peak RSS       {result['peak_rss_mb_single']:9.1f} MiB single stream")
+    lines.append(
+        f"peak RSS       {result['peak_rss_mb_single']:9.1f} MiB single stream "
+        f"({result['peak_rss_mb_single'] - result['baseline_rss_mb']:.1f} MiB above the imports)"
+    )
     if "batched_tok_s" in result:
         lines.append(f"               {result['peak_rss_mb']:9.1f} MiB with the batch's KV cache")
     return "\n".join(lines)

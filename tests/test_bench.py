@@ -79,6 +79,7 @@ def test_measure_matches_transformers_greedy(hf_llama_dir, tiny_reference):
         s = result[key]
         assert len(s["runs"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0
     assert 0 < result["peak_rss_mb_single"] <= result["peak_rss_mb"]
+    assert "baseline_rss_mb" not in result  # measure() runs on a loaded model; run() adds the baseline
     out, _ = llm.generate([w.prompt], 6, temperature=0, logit_bias={t: FORBID for t in w.forbidden})
     assert out[0] == tokens
 
@@ -97,6 +98,7 @@ def test_bench_command_writes_json(hf_llama_dir, tmp_path):
     assert result["workload"]["prompt_tokens"] == 10 and len(result["decode_tokens"]) == 3
     assert all(4 <= n <= 8 for n in result["workload"]["batch_prompt_tokens"])
     assert result["batched_tokens"] == 4 and result["load_s"] > 0
+    assert 0 < result["baseline_rss_mb"] <= result["peak_rss_mb_single"] <= result["peak_rss_mb"]
 
 
 def test_bench_command_rejects_a_short_context(hf_llama_dir):
@@ -178,6 +180,18 @@ def test_table_with_a_skipped_peer():
     table = compare.format_table(engines, verdict)
     assert "vs llama.cpp" not in table.splitlines()[0] and "vs transformers" in table.splitlines()[0]
     assert "llama-cpp-python is not installed" in table and "n/a" in table
+
+
+def test_memory_above_imports():
+    engines = {
+        "llama3": _figures(400.0, 100.0, 900.0, peak_rss_mb_single=350.0, baseline_rss_mb=230.0),
+        "llama.cpp": _figures(300.0, 100.0, 100.0, peak_rss_mb_single=270.0, baseline_rss_mb=30.0),
+        "transformers": {"error": "worker failed"},
+    }
+    compare.add_derived(engines)
+    assert engines["llama3"]["model_rss_mb"] == 120.0 and engines["llama.cpp"]["model_rss_mb"] == 240.0
+    assert compare.evaluate(engines, gguf_bytes=2**20)["ratios"]["llama.cpp"]["model_rss_mb"] == pytest.approx(2.0)
+    assert "of which above imports (MiB)" in compare.format_table(engines, compare.evaluate(engines, 2**20))
 
 
 def test_time_to_first_byte_waits_for_output():
