@@ -130,7 +130,9 @@ template <int64_t QT, int R>
 inline void dot_rows(const uint8_t* w, int64_t nb, const int16_t* xq, const float* scale, int64_t K,
                      float* out, int64_t ldo) {
   constexpr int64_t BS = block_bytes<QT>();
-  constexpr int A = R == 1 ? 2 : 1;  // one row alone: alternate two accumulators to overlap FMA latencies
+  // Two alternating accumulators overlap FMA latencies. Every R uses the same pair, so a row's result never
+  // depends on how many rows share the call: batch-invariant logits keep seeded sampling reproducible.
+  constexpr int A = 2;
   __m256 acc[R][A];
   __m128 off[R];
   for (int r = 0; r < R; ++r) {
