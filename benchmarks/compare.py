@@ -165,9 +165,9 @@ def format_table(engines: dict[str, dict[str, Any]], verdict: dict[str, Any]) ->
         said = "identical" if where is None else f"first divergence at token {where}"
         lines.append(f"greedy tokens, llama3 vs {peer} (first {a['compared']}): {said}")
     for name in ENGINES:
-        why = engines.get(name, {}).get("skipped") or engines.get(name, {}).get("error")
-        if why:
-            lines.append(f"{name}: {why}")
+        for key in ("skipped", "error", "cold_start_error"):
+            if key in engines.get(name, {}):
+                lines.append(f"{name}: {engines[name][key]}")
     return "\n".join(lines)
 
 
@@ -228,19 +228,18 @@ def cold_start_command(engine: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, __file__, "--first-token", engine, "--model", str(args.model), "--threads", str(args.threads)]
 
 
-def time_to_first_byte(cmd: list[str]) -> tuple[float, float]:
-    """(seconds from spawn to the first byte on stdout, the child's peak RSS in MiB)."""
+def time_to_first_byte(cmd: list[str]) -> tuple[float, float | None]:
+    """(seconds from spawn to the first byte on stdout, the child's peak RSS in MiB up to then, if readable)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     first = proc.stdout.read(1)
     elapsed = time.perf_counter() - start
+    peak = hwm_mb(proc.pid)  # read while it still runs: once reaped, only the inherited ru_maxrss is left
     proc.stdout.read()
-    # wait4 reaps the child and hands back its rusage, so its ru_maxrss is the child's own peak.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     if proc.returncode != 0 or not first:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode} without output")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, peak
 
 
 def measure_cold_start(engine: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -256,7 +255,8 @@ def measure_cold_start(engine: str, args: argparse.Namespace) -> dict[str, Any]:
                 peaks.append(peak)
     except RuntimeError as exc:
         return {"cold_start_error": str(exc)}
-    return {"cold_start_s": summary(times), "cold_start_peak_rss_mb": max(peaks)}
+    known = [p for p in peaks if p is not None]
+    return {"cold_start_s": summary(times), "cold_start_peak_rss_mb": max(known) if known else None}
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -299,14 +299,28 @@ def orchestrate(args: argparse.Namespace) -> int:
     print(format_table(engines, verdict))
     Path(args.out).write_text(json.dumps({"machine": info, "settings": settings, "engines": engines, **verdict}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
-    return 0 if all("error" not in e for e in engines.values()) else 1
+    return 0 if all("error" not in e and "cold_start_error" not in e for e in engines.values()) else 1
 
 
 # -- peer workers (each in its own process; they import only their own engine) --------------------------------
 
 
+def hwm_mb(pid: int | str = "self") -> float | None:
+    """Peak resident set size of a live process in MiB (VmHWM), None where /proc cannot tell. Not ru_maxrss: a
+    child started by fork + exec inherits its parent's ru_maxrss as a floor (here: this orchestrator's)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = hwm_mb()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rates(prompt_len: int, start: float, stamps: list[float]) -> tuple[float, float]:

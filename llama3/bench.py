@@ -8,7 +8,7 @@ through llama.cpp and transformers; its llama3 worker *is* this command with ``-
   their time (prefill excluded).
 * batched: ``--batch`` (32) different prompts of 100-400 tokens (seeded lengths), ``--batch-gen-tokens`` (32)
   greedy new tokens each, all in one ``Llama.generate`` call; total generated tokens / wall time.
-* peak resident memory (``ru_maxrss``): after the single-stream workloads, and after the batch (whose KV
+* peak resident memory (``VmHWM``): after the single-stream workloads, and after the batch (whose KV
   cache holds every row); also the baseline before loading (interpreter + torch + llama3 imports).
 
 Stop tokens are forbidden (a large negative logit bias), never just ignored, so every engine generates
@@ -154,7 +154,19 @@ def make_workloads(
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's own peak resident set size so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status. Not ``ru_maxrss``, which a process started by fork + exec inherits
+    from its parent as a floor (a benchmark launched by a 500 MB parent would report >= 500 MB). Elsewhere
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

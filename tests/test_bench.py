@@ -84,6 +84,16 @@ def test_measure_matches_transformers_greedy(hf_llama_dir, tiny_reference):
     assert out[0] == tokens
 
 
+def test_peak_rss_is_the_process_own():
+    """A child's figure is its own, not its parent's: ru_maxrss would report at least the parent's 1 GiB."""
+    ballast = bytearray(2**30)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so that it is resident
+    code = "from llama3.bench import peak_rss_mb; x = bytearray(80 * 2**20); x[::4096] = b'x' * len(x[::4096]); print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert 80 < child < 1024  # torch + 80 MiB, about 300 MiB
+    del ballast
+
+
 def test_bench_command_writes_json(hf_llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "llama3", "bench", "--model", str(hf_llama_dir), "--prompt-tokens", "10",
@@ -170,7 +180,7 @@ def test_table_with_a_skipped_peer():
     engines = {
         "llama3": _figures(400.0, 100.0, 900.0, load_s=1.0, peak_rss_mb_single=150.0),
         "llama.cpp": {"skipped": "skipped: llama-cpp-python is not installed"},
-        "transformers": _figures(400.0, 20.0, 300.0, load_s=20.0),
+        "transformers": _figures(400.0, 20.0, 300.0, load_s=20.0, cold_start_error="python ... exited 1 without output"),
     }
     verdict = compare.evaluate(engines, gguf_bytes=50 * 2**20)
     by_target = {t["target"]: t["met"] for t in verdict["targets"]}
@@ -180,6 +190,7 @@ def test_table_with_a_skipped_peer():
     table = compare.format_table(engines, verdict)
     assert "vs llama.cpp" not in table.splitlines()[0] and "vs transformers" in table.splitlines()[0]
     assert "llama-cpp-python is not installed" in table and "n/a" in table
+    assert "transformers: python ... exited 1 without output" in table
 
 
 def test_memory_above_imports():
@@ -196,9 +207,11 @@ def test_memory_above_imports():
 
 def test_time_to_first_byte_waits_for_output():
     child = [sys.executable, "-c", "import time; time.sleep(0.3); print('x', flush=True); time.sleep(0.3)"]
+    ballast = bytearray(300 * 2**20)  # the parent's size must not be charged to the child (ru_maxrss would)
     seconds, peak_mb = compare.time_to_first_byte(child)
     assert 0.3 <= seconds < 0.6 + 5  # the first byte, not the exit
-    assert 1 < peak_mb < 1000
+    assert 1 < peak_mb < 100, peak_mb
+    del ballast
     with pytest.raises(RuntimeError):
         compare.time_to_first_byte([sys.executable, "-c", "raise SystemExit(3)"])
 
