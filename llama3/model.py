@@ -10,6 +10,7 @@ Shapes in comments: B batch, T new tokens, S cache length, H query heads, K kv h
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class DecodeKernel(Protocol):
+    """A backend's single-token step through every layer (e.g. ``llama3.quant.fused``): the same arithmetic as
+    the layers, writing the same KV-cache entries, in one call instead of dozens of ops per layer."""
+
+    def usable(self, model: Transformer, h: torch.Tensor) -> bool: ...
+
+    def __call__(
+        self, model: Transformer, h: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
 class Transformer(nn.Module):
     """Llama 3 decoder. ``forward(tokens, start_pos)`` returns float32 logits for every position, as Meta's."""
 
@@ -174,6 +186,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(config, min(config.max_seq_len, 2048)), persistent=False)
         self.cache_batch = 0
         self.cache_len = 0
+        # Installed by loaders whose weights have one (quantized CPU models); None runs the layers as written.
+        self.decode_kernel: DecodeKernel | None = None
 
     @property
     def device(self) -> torch.device:
@@ -248,8 +262,12 @@ class Transformer(nn.Module):
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, rope, positions, mask, kv_len if cached else None, cache_rows)
+        kernel = self.decode_kernel
+        if seqlen == 1 and cached and kernel is not None and kernel.usable(self, h):
+            h = kernel(self, h, positions[:, 0], cache_rows)
+        else:
+            for layer in self.layers:
+                h = layer(h, rope, positions, mask, kv_len if cached else None, cache_rows)
         if output_index is not None:
             h = h[torch.arange(bsz, device=device), output_index].unsqueeze(1)
         elif last_only:

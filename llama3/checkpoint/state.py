@@ -117,6 +117,10 @@ def build_model(
     if config.tie_embeddings and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
     model.rope = rope_table(config, min(config.max_seq_len, 2048), device)
+    if keep_quantized:
+        from ..quant.fused import FusedDecode
+
+        model.decode_kernel = FusedDecode.build(model)
     # Loaded weights are for inference; fine-tuning code re-enables gradients where it needs them.
     return model.eval().requires_grad_(False)
 

@@ -20,6 +20,8 @@
 //
 // Built just in time by llama3/quant/native.py with -mavx2 -mfma -mf16c; used only when the CPU has AVX2.
 
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -168,15 +170,13 @@ inline void dot_rows(const uint8_t* w, int64_t nb, const int16_t* xq, const floa
   }
 }
 
-// The weight matrix as row-concatenated parts (several matrices sharing x, e.g. wq | wk | wv): one call,
-// one parallel region and one coding of x for all of them. Rows never straddle parts.
-struct Part {
-  const uint8_t* w;
-  int64_t rows;
-};
+using llama3_quant::Part;
 
+// The weight matrix as row-concatenated parts (several matrices sharing x, e.g. wq | wk | wv): one call,
+// one parallel region and one coding of x for all of them. Rows never straddle parts. Output row r starts
+// at out + r * ldo.
 template <int64_t QT>
-void fused_matmul(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts, int64_t N, float* out) {
+void fused_matmul(const float* x, int64_t M, int64_t K, const Part* parts, int64_t N, float* out, int64_t ldo) {
   const int64_t nb = K / kBlock, row_bytes = nb * block_bytes<QT>();
   thread_local CodedRows coded;  // reused: no allocation per call once grown
   code_rows(x, M, K, coded);
@@ -189,14 +189,14 @@ void fused_matmul(const float* x, int64_t M, int64_t K, const std::vector<Part>&
       while (n - first >= parts[p].rows) first += parts[p++].rows;
       const uint8_t* wr = parts[p].w + (n - first) * row_bytes;
       int64_t r = 0;
-      for (; r + 4 <= M; r += 4) dot_rows<QT, 4>(wr, nb, xq + r * K, sc + 4 * r * nb, K, out + r * N + n, N);
+      for (; r + 4 <= M; r += 4) dot_rows<QT, 4>(wr, nb, xq + r * K, sc + 4 * r * nb, K, out + r * ldo + n, ldo);
       const int16_t* xr = xq + r * K;
       const float* sr = sc + 4 * r * nb;
-      float* o = out + r * N + n;
+      float* o = out + r * ldo + n;
       switch (M - r) {
-        case 3: dot_rows<QT, 3>(wr, nb, xr, sr, K, o, N); break;
-        case 2: dot_rows<QT, 2>(wr, nb, xr, sr, K, o, N); break;
-        case 1: dot_rows<QT, 1>(wr, nb, xr, sr, K, o, N); break;
+        case 3: dot_rows<QT, 3>(wr, nb, xr, sr, K, o, ldo); break;
+        case 2: dot_rows<QT, 2>(wr, nb, xr, sr, K, o, ldo); break;
+        case 1: dot_rows<QT, 1>(wr, nb, xr, sr, K, o, ldo); break;
         default: break;
       }
     }
@@ -268,7 +268,7 @@ void matmul_impl(const at::Tensor& x, const std::vector<Part>& parts, int64_t K,
   const int64_t M = x.size(0), N = out.size(1), row_bytes = K / kBlock * block_bytes<QT>();
   if (M == 0 || N == 0) return;
   if (M <= fused_max_rows) {
-    fused_matmul<QT>(x.data_ptr<float>(), M, K, parts, N, out.data_ptr<float>());
+    fused_matmul<QT>(x.data_ptr<float>(), M, K, parts.data(), N, out.data_ptr<float>(), N);
     return;
   }
   // One scratch slab per calling thread, reused across layers and calls (no per-call allocation).
@@ -351,6 +351,18 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
 }
 
 }  // namespace
+
+void llama3_quant::matmul_few_rows(const float* x, int64_t M, int64_t K, const Part* parts, int64_t n_parts,
+                                   int64_t qtype, float* out, int64_t ldo) {
+  int64_t N = 0;
+  for (int64_t i = 0; i < n_parts; ++i) N += parts[i].rows;
+  if (M == 0 || N == 0) return;
+  switch (qtype) {
+    case kQ4_0: fused_matmul<kQ4_0>(x, M, K, parts, N, out, ldo); break;
+    case kQ4_1: fused_matmul<kQ4_1>(x, M, K, parts, N, out, ldo); break;
+    default: fused_matmul<kQ8_0>(x, M, K, parts, N, out, ldo); break;
+  }
+}
 
 TORCH_LIBRARY(llama3_quant, m) {
   m.def("qmatmul(Tensor x, Tensor blocks, int qtype, int in_features, int fused_max_rows, int slab_bytes) -> Tensor");

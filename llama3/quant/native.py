@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+# kernels.h is not a source: ninja's dependency tracking rebuilds the objects when it changes.
+SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("decode.cpp")]
 # Up to this many rows the fused block kernel beats dequantize + BLAS GEMM. Measured on the 2-core Zen 3
 # at SmolLM2's shapes (benchmarks/quant_kernels.py): single-threaded the two tie around 16-32 rows; with
 # 2 threads the GEMM path pays for two parallel regions (dequantize, then BLAS) and the fused kernel was
@@ -66,7 +67,7 @@ def _load() -> bool:
         _log.info("llama3.quant: loading the CPU kernels (compiled on first use, about 15 s)")
         load(
             name="llama3_quant",
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             # -fopenmp links libgomp by soname; torch has already loaded its own, so both share one pool.
             extra_ldflags=["-fopenmp"],
@@ -95,6 +96,10 @@ def _register_fake() -> None:
     def _qmatmul_cat(x, blocks, qtype, in_features, fused_max_rows, slab_bytes):
         return x.new_empty((*x.shape[:-1], sum(b.shape[0] for b in blocks)))
 
+    @torch.library.register_fake("llama3_quant::decode_layers")
+    def _decode_layers(h, weights, qtypes, k_cache, v_cache, rope, positions, rows, n_heads, eps):
+        return torch.empty_like(h)
+
     @torch.library.register_fake("llama3_quant::dequantize")
     def _dequantize(blocks, qtype, in_features):
         return blocks.new_empty((blocks.shape[0], in_features), dtype=torch.float32)
@@ -116,3 +121,24 @@ def qmatmul_cat(x: torch.Tensor, blocks: list[torch.Tensor], ggml_type: int, in_
 def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
     """The float32 matrix (N, K) encoded by ``blocks``, bit-identical to gguf's dequantizer."""
     return torch.ops.llama3_quant.dequantize(blocks, ggml_type, in_features)
+
+
+def decode_layers(
+    h: torch.Tensor,
+    weights: list[torch.Tensor],
+    qtypes: list[int],
+    k_cache: list[torch.Tensor],
+    v_cache: list[torch.Tensor],
+    rope: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    n_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """Every transformer layer for one new token per row (decode.cpp): h (B, dim) -> h after the last layer.
+
+    Writes each layer's keys and values into ``k_cache[l]`` / ``v_cache[l]`` at (rows[b], positions[b]).
+    """
+    return torch.ops.llama3_quant.decode_layers.default(
+        h, weights, qtypes, k_cache, v_cache, rope, positions, rows, n_heads, eps
+    )
