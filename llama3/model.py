@@ -21,7 +21,9 @@ from .config import ModelConfig, RopeScaling
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Per-pair inverse frequencies ``theta^(-2i/D)`` (float64 for exact tables), with Llama 3.1 scaling."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    # Always on the CPU, even under a meta-device context: the table is tiny, and meta ops here would import
+    # torch._dynamo (seconds of cold start).
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")[: head_dim // 2] / head_dim))
     if scaling is None:
         return freqs
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
@@ -41,9 +43,9 @@ def rope_table(config: ModelConfig, length: int, device: torch.device | str | No
     # Meta computes the tables in float32; doing the same keeps logits bit-comparable.
     freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     if config.rope_freq_factors is not None:
-        freqs = freqs / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
+        freqs = freqs / torch.tensor(config.rope_freq_factors, dtype=torch.float64, device="cpu")
     freqs = freqs.float()
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
 
 
@@ -176,7 +178,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Passing the weight skips nn.Embedding's normal_() init: on the meta device (how loaders build the
+        # model) that call goes through torch._refs and imports torch._dynamo, 1.5 s of every cold start.
+        weight = torch.empty(config.vocab_size, config.dim)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=weight)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

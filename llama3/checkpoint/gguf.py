@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..gguf_file import GGUFFile, GGUFFormatError, read_gguf_file
 from .state import GGMLTensor, StateDict
 
 # Encodings we can read: float types directly, the rest through gguf's dequantizers (and llama3.quant kernels).
@@ -50,24 +51,22 @@ def canonical_name(gguf_name: str) -> str | None:
     return None
 
 
-def open_gguf(path: Path):
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), with reader failures turned into CheckpointError."""
-    from gguf import GGUFReader
-
+def open_gguf(path: Path) -> GGUFFile:
+    """The header of ``path`` (model metadata and tensor directory), with failures turned into CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on damaged files
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
+        # The vocabulary arrays are the tokenizer's business: skipped here, only their lengths are kept.
+        return read_gguf_file(path, lambda key: not key.startswith("tokenizer."))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except GGUFFormatError as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({exc})") from None
 
 
-def metadata(reader, key: str, default: Any = None) -> Any:
+def metadata(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """The decoded value of a metadata field (scalars, strings, arrays), or ``default``."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.metadata.get(key, default)
 
 
 def gguf_config(reader, path: Path) -> ModelConfig:
@@ -86,8 +85,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     tensor_names = {t.name for t in reader.tensors}
     vocab = metadata(reader, "llama.vocab_size")
     if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else None
+        vocab = reader.array_lengths.get("tokenizer.ggml.tokens")
     if vocab is None:
         raise CheckpointError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size nor tokenizer tokens)")
     head_dim = metadata(reader, "llama.attention.key_length") or metadata(reader, "llama.rope.dimension_count")
@@ -119,21 +117,21 @@ def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
     state: StateDict = {}
     rope_freqs = None
     for t in reader.tensors:
-        kind = GGMLQuantizationType(t.tensor_type).name
+        kind = GGMLQuantizationType(t.ggml_type).name
         if t.name == "rope_freqs.weight":  # Llama 3.1+ converts its rope scaling into per-pair divisors
-            rope_freqs = torch.tensor(np.asarray(t.data, dtype=np.float32)).flatten()
+            rope_freqs = torch.tensor(np.asarray(reader.tensor_data(t), dtype=np.float32)).flatten()
             continue
         name = canonical_name(t.name)
         if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not part of a llama model)")
         if kind not in SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor {t.name} uses unsupported quantization type {kind}")
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        shape = t.shape
         if kind in ("F32", "F16"):
             # Copy out of the read-only memory map: these are the small norm vectors (or an f32 model).
-            state[name] = torch.from_numpy(np.array(t.data)).reshape(shape)
+            state[name] = torch.from_numpy(np.array(reader.tensor_data(t))).reshape(shape)
         else:
-            state[name] = GGMLTensor(name=t.name, ggml_type=int(t.tensor_type), shape=shape, data=t.data)
+            state[name] = GGMLTensor(name=t.name, ggml_type=t.ggml_type, shape=shape, data=reader.tensor_data(t))
     if rope_freqs is not None:
         expected = config.head_dim // 2
         if rope_freqs.numel() != expected:

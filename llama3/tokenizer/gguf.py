@@ -16,8 +16,6 @@ Control tokens (token type 3) become special tokens; user-defined ones (type 4) 
 
 from __future__ import annotations
 
-import mmap
-import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,14 +26,12 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from ..errors import TokenizerError
+from ..gguf_file import GGUFFormatError, read_gguf_file
 from .base import END_OF_TURN_TEXTS
 from .hf import HFTokenizer, byte_level_alphabet
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_PATTERN = (
@@ -52,95 +48,15 @@ DIGITS_THEN_GPT2_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell
 LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"}
 QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"}
 
-_GGUF_LIMIT = 1 << 34  # sanity bound on lengths read from the header (a corrupt file must not allocate TBs)
-
-
-class _Header:
-    """Sequential reader over a GGUF key/value header held in a memory map."""
-
-    def __init__(self, buf: memoryview, endian: str, path: Path) -> None:
-        self.buf, self.e, self.pos, self.path = buf, endian, 0, path
-
-    def take(self, fmt: str) -> Any:
-        st = struct.Struct(self.e + fmt)
-        try:
-            (value,) = st.unpack_from(self.buf, self.pos)
-        except struct.error:
-            raise TokenizerError(f"{self.path}: GGUF header is truncated") from None
-        self.pos += st.size
-        return value
-
-    def string(self) -> str:
-        n = self.take("Q")
-        if n > _GGUF_LIMIT or self.pos + n > len(self.buf):
-            raise TokenizerError(f"{self.path}: GGUF header is corrupt (string of {n} bytes)")
-        text = str(self.buf[self.pos : self.pos + n], "utf-8", "replace")
-        self.pos += n
-        return text
-
-    def value(self, vtype: int, keep: bool) -> Any:
-        if vtype == _STRING:
-            return self.string()
-        if vtype in _SCALARS:
-            return self.take(_SCALARS[vtype])
-        if vtype != _ARRAY:
-            raise TokenizerError(f"{self.path}: GGUF header is corrupt (value type {vtype})")
-        etype, count = self.take("I"), self.take("Q")
-        if count > _GGUF_LIMIT:
-            raise TokenizerError(f"{self.path}: GGUF header is corrupt (array of {count} items)")
-        if etype == _STRING:
-            if keep:
-                return [self.string() for _ in range(count)]
-            for _ in range(count):  # skip without decoding
-                length = self.take("Q")
-                self.pos += length
-            return None
-        if etype in _SCALARS:
-            dtype = np.dtype(self.e + _SCALARS[etype].replace("?", "b"))
-            end = self.pos + dtype.itemsize * count
-            if end > len(self.buf):
-                raise TokenizerError(f"{self.path}: GGUF header is truncated")
-            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy() if keep else None
-            self.pos = end
-            return arr
-        return [self.value(etype, keep) for _ in range(count)]
-
-
 def read_gguf_metadata(path: Path, prefixes: Sequence[str] = ("tokenizer.", "general.architecture")) -> dict[str, Any]:
     """The header key/values of a GGUF file whose keys start with one of ``prefixes`` (tensors are not read)."""
+    prefixes = tuple(prefixes)
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return read_gguf_file(path, lambda key: key.startswith(prefixes), tensors=False).metadata
     except OSError as exc:
         raise TokenizerError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        buf = memoryview(mm)
-        (version,) = struct.unpack_from("<I", buf, 4)
-        endian = "<" if version < 0x10000 else ">"  # big-endian files have the version byte-swapped
-        header = _Header(buf, endian, path)
-        header.pos = 4
-        version = header.take("I")
-        if version < 2:
-            raise TokenizerError(f"{path}: GGUF version {version} is too old (need 2 or later)")
-        header.take("Q")  # tensor count
-        n_kv = header.take("Q")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = header.string()
-            vtype = header.take("I")
-            keep = key.startswith(tuple(prefixes))
-            value = header.value(vtype, keep)
-            if keep:
-                meta[key] = value
-        del buf, header
-        return meta
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a numpy view still alive; the map closes when it is collected
-            pass
+    except GGUFFormatError as exc:
+        raise TokenizerError(f"{path}: {exc}") from None
 
 
 def _merge_pairs(merges: Sequence[str], path: Path) -> list[tuple[str, str]]:
