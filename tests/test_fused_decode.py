@@ -35,9 +35,23 @@ def tiny_hf() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
-def gguf_path(request, tiny_hf, tmp_path_factory):
-    return write_gguf(tmp_path_factory.mktemp("fused") / f"tiny-{request.param.name}.gguf", tiny_hf, request.param)
+@pytest.fixture(scope="module")
+def tiny_hf_k() -> LlamaForCausalLM:
+    """Rows of 256 weights, the K-quants' super-block (head_dim 64, as in Llama 3.2 1B)."""
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def gguf_path(request, tmp_path_factory):
+    # K-quant blocks are random valid bytes (gguf-py cannot quantize into them); the float reference
+    # dequantizes the very same blocks.
+    hf = request.getfixturevalue("tiny_hf_k" if request.param in (Q.Q4_K, Q.Q6_K) else "tiny_hf")
+    return write_gguf(tmp_path_factory.mktemp("fused") / f"tiny-{request.param.name}.gguf", hf, request.param)
 
 
 def decode(model, kernel, forced: torch.Tensor, prompts=PROMPTS, rows=None):

@@ -1,5 +1,5 @@
 // One decoding step (one new token per row) through every layer in a single call: the CPU fast path for
-// models whose matrices are Q4_0 / Q4_1 / Q8_0 blocks.
+// models whose matrices are Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks.
 //
 // Why: a decode step of a small model is dominated by dispatch, not arithmetic. As PyTorch ops each layer is
 // ~40 calls (norms, RoPE, cache writes, attention, SwiGLU) of a few microseconds each, more than the
@@ -38,8 +38,13 @@ constexpr int64_t kTensorsPerLayer = 9;
 constexpr int64_t kMatricesPerLayer = 7;
 enum Tensor_ { kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm, kW1, kW3, kW2 };
 
+// Bytes per block and weights per block of the types kernels.cpp implements (0: not one of them).
 int64_t block_bytes_of(int64_t qtype) {
-  return qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : 0;
+  return qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : qtype == 12 ? 144 : qtype == 14 ? 210 : 0;
+}
+
+int64_t block_weights_of(int64_t qtype) {
+  return qtype == 12 || qtype == 14 ? 256 : 32;
 }
 
 inline float hsum(__m256 v) {
@@ -156,7 +161,8 @@ void check_matrix(const at::Tensor& w, int64_t qtype, int64_t rows, int64_t cols
   const int64_t bs = block_bytes_of(qtype);
   TORCH_CHECK(bs > 0, "decode_layers: ", what, " has unsupported ggml type ", qtype);
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
-                  w.size(0) == rows && cols % 32 == 0 && w.size(1) == cols / 32 * bs,
+                  w.size(0) == rows && cols % block_weights_of(qtype) == 0 &&
+                  w.size(1) == cols / block_weights_of(qtype) * bs,
               "decode_layers: ", what, " must be contiguous uint8 blocks encoding ", rows, " x ", cols);
 }
 

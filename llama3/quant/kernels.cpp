@@ -5,6 +5,13 @@
 //   Q4_1: [d f16][m f16][16 bytes of nibbles]   w = d * q + m
 //   Q8_0: [d f16][32 x int8]                    w = d * q
 // Nibble byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
+// or as K-quant super-blocks of 256 weights in 8 groups of 32 (what Q4_K_M files are made of):
+//   Q4_K: [d f16][dmin f16][12 bytes: 8 6-bit scales, 8 6-bit mins][128 bytes of nibbles]
+//         w = (d * sc_g) * q - (dmin * m_g); group g holds the low (g even) or high (g odd) nibbles of
+//         bytes 32 * (g / 2) .. + 31
+//   Q6_K: [128 bytes ql][64 bytes qh][16 x int8 scales][d f16]
+//         w = (d * sc_i) * (q - 32) for 16-weight sub-blocks i; the 6-bit q = 4 bits of ql | 2 bits of qh << 4
+// Both reduce to the 32-weight form above with per-group scales (two per group for Q6_K).
 //
 // Two strategies, chosen by the number of rows M:
 //  * few rows (decoding): one pass over the weight blocks, each block dotted with up to 4 rows of x. Decoding
@@ -35,12 +42,23 @@
 namespace {
 
 // gguf.GGMLQuantizationType values.
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
 constexpr int64_t kBlock = 32;
 
 template <int64_t QT>
+constexpr bool is_k() {
+  return QT == kQ4_K || QT == kQ6_K;
+}
+
+// Weights per block (what a row's length must be a multiple of) and bytes per block.
+template <int64_t QT>
+constexpr int64_t block_weights() {
+  return is_k<QT>() ? 256 : kBlock;
+}
+
+template <int64_t QT>
 constexpr int64_t block_bytes() {
-  return QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : 34;
+  return QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ8_0 ? 34 : QT == kQ4_K ? 144 : 210;
 }
 
 inline float hsum(__m256 v) {
@@ -170,14 +188,119 @@ inline void dot_rows(const uint8_t* w, int64_t nb, const int16_t* xq, const floa
   }
 }
 
+// K-quants: per super-block scales, then the 32-weight groups as int16 codes.
+
+// Q4_K group g: d_g = d * sc_g and c_g = dmin * m_g (w = d_g q - c_g), as gguf's get_scale_min.
+inline void q4k_scales(const uint8_t* blk, float dg[8], float cg[8]) {
+  uint16_t h[2];
+  std::memcpy(h, blk, 4);
+  const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+  const uint8_t* s = blk + 4;
+  int sc[8], m[8];
+  // Split at j = 4 rather than branching per j: the two halves pack their 6 bits differently.
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    m[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+  for (int j = 0; j < 8; ++j) {
+    dg[j] = d * static_cast<float>(sc[j]);
+    cg[j] = dmin * static_cast<float>(m[j]);
+  }
+}
+
+// Q6_K 16-weight sub-block i: d_i = d * sc_i.
+inline void q6k_scales(const uint8_t* blk, float di[16]) {
+  uint16_t h;
+  std::memcpy(&h, blk + 208, 2);
+  const float d = _cvtsh_ss(h);
+  for (int i = 0; i < 16; ++i) di[i] = d * static_cast<float>(static_cast<int8_t>(blk[192 + i]));
+}
+
+// Group g's 32 codes as int16: c0 = weights 0..15, c1 = 16..31 (Q4_K: 0..15; Q6_K: q - 32 in -32..31).
+template <int64_t QT>
+inline void group_codes(const uint8_t* blk, int g, __m256i& c0, __m256i& c1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i q;
+  if constexpr (QT == kQ4_K) {
+    q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * (g >> 1)));
+    if (g & 1) q = _mm256_srli_epi16(q, 4);
+    q = _mm256_and_si256(q, low4);
+  } else {
+    const int h = g >> 2, k = g & 3;
+    __m256i lq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32 * (k & 1)));
+    if (k >= 2) lq = _mm256_srli_epi16(lq, 4);
+    __m256i hq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+    // 16-bit shifts move bits across bytes; the masks keep each byte's own bits only.
+    hq = _mm256_and_si256(_mm256_srl_epi16(hq, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(0x03));
+    q = _mm256_or_si256(_mm256_and_si256(lq, low4), _mm256_slli_epi16(hq, 4));
+  }
+  c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+  c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+  if constexpr (QT == kQ6_K) {
+    c0 = _mm256_sub_epi16(c0, _mm256_set1_epi16(32));
+    c1 = _mm256_sub_epi16(c1, _mm256_set1_epi16(32));
+  }
+}
+
+// dot_rows for K-quant rows: nsb super-blocks; x coded per 32 as for the other types. The accumulator used
+// alternates by group parity, the same for every R (batch-invariant, as dot_rows).
+template <int64_t QT, int R>
+inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const float* scale, int64_t K,
+                       float* out, int64_t ldo) {
+  constexpr int64_t BS = block_bytes<QT>();
+  __m256 acc[R][2];
+  float off[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    off[r] = 0.f;
+  }
+  const int64_t nb = K / kBlock;
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* blk = w + sb * BS;
+    float ds[16], cs[8];
+    if constexpr (QT == kQ4_K) q4k_scales(blk, ds, cs);
+    else q6k_scales(blk, ds);
+    for (int g = 0; g < 8; ++g) {
+      const int64_t b = sb * 8 + g;
+      __m256i c0, c1;
+      group_codes<QT>(blk, g, c0, c1);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xp = xq + r * K + b * kBlock;
+        const float* xs = scale + 4 * (r * nb + b);  // {sx, sum x}
+        const __m256i p0 = _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)));
+        const __m256i p1 = _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16)));
+        __m256& a = acc[r][g & 1];
+        if constexpr (QT == kQ4_K) {
+          a = _mm256_fmadd_ps(_mm256_set1_ps(ds[g] * xs[0]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), a);
+          off[r] -= cs[g] * xs[1];
+        } else {
+          a = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * g] * xs[0]), _mm256_cvtepi32_ps(p0), a);
+          a = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * g + 1] * xs[0]), _mm256_cvtepi32_ps(p1), a);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + off[r];
+}
+
 using llama3_quant::Part;
+
+// One weight row against R coded x rows (nb = K / 32 groups), for either block family.
+template <int64_t QT, int R>
+inline void dot(const uint8_t* w, int64_t nb, const int16_t* xq, const float* scale, int64_t K, float* out,
+                int64_t ldo) {
+  if constexpr (is_k<QT>()) dot_rows_k<QT, R>(w, nb / 8, xq, scale, K, out, ldo);
+  else dot_rows<QT, R>(w, nb, xq, scale, K, out, ldo);
+}
 
 // The weight matrix as row-concatenated parts (several matrices sharing x, e.g. wq | wk | wv): one call,
 // one parallel region and one coding of x for all of them. Rows never straddle parts. Output row r starts
 // at out + r * ldo.
 template <int64_t QT>
 void fused_matmul(const float* x, int64_t M, int64_t K, const Part* parts, int64_t N, float* out, int64_t ldo) {
-  const int64_t nb = K / kBlock, row_bytes = nb * block_bytes<QT>();
+  const int64_t nb = K / kBlock, row_bytes = K / block_weights<QT>() * block_bytes<QT>();
   thread_local CodedRows coded;  // reused: no allocation per call once grown
   code_rows(x, M, K, coded);
   const int16_t* xq = coded.q.data();
@@ -189,14 +312,14 @@ void fused_matmul(const float* x, int64_t M, int64_t K, const Part* parts, int64
       while (n - first >= parts[p].rows) first += parts[p++].rows;
       const uint8_t* wr = parts[p].w + (n - first) * row_bytes;
       int64_t r = 0;
-      for (; r + 4 <= M; r += 4) dot_rows<QT, 4>(wr, nb, xq + r * K, sc + 4 * r * nb, K, out + r * ldo + n, ldo);
+      for (; r + 4 <= M; r += 4) dot<QT, 4>(wr, nb, xq + r * K, sc + 4 * r * nb, K, out + r * ldo + n, ldo);
       const int16_t* xr = xq + r * K;
       const float* sr = sc + 4 * r * nb;
       float* o = out + r * ldo + n;
       switch (M - r) {
-        case 3: dot_rows<QT, 3>(wr, nb, xr, sr, K, o, ldo); break;
-        case 2: dot_rows<QT, 2>(wr, nb, xr, sr, K, o, ldo); break;
-        case 1: dot_rows<QT, 1>(wr, nb, xr, sr, K, o, ldo); break;
+        case 3: dot<QT, 3>(wr, nb, xr, sr, K, o, ldo); break;
+        case 2: dot<QT, 2>(wr, nb, xr, sr, K, o, ldo); break;
+        case 1: dot<QT, 1>(wr, nb, xr, sr, K, o, ldo); break;
         default: break;
       }
     }
@@ -235,8 +358,47 @@ inline float half_at(const uint8_t* p) {
 // Rows [0, n) of W as float32 into out (n, K), bit-identical to gguf.quants.dequantize: the same float32
 // operations (Q4_1 d * q + m, Q4_0 d * (q - 8), Q8_0 d * q), and d * q is exact (11 x 8 significant bits),
 // so whether the compiler fuses the Q4_1 multiply-add or not cannot change the result.
+// K-quant rows, bit-identical to gguf's numpy dequantizers: Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * q,
+// each product and difference rounded on its own (the build passes -ffp-contract=off, so no fused
+// multiply-add merges them).
+template <int64_t QT>
+void dequantize_rows_k(const uint8_t* w, int64_t n, int64_t K, int64_t row_bytes, float* out) {
+  constexpr int64_t BS = block_bytes<QT>();
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t i = n0; i < n1; ++i) {
+      for (int64_t sb = 0; sb < K / 256; ++sb) {
+        const uint8_t* blk = w + i * row_bytes + sb * BS;
+        float ds[16], cs[8];
+        if constexpr (QT == kQ4_K) q4k_scales(blk, ds, cs);
+        else q6k_scales(blk, ds);
+        for (int g = 0; g < 8; ++g) {
+          __m256i c0, c1;
+          group_codes<QT>(blk, g, c0, c1);
+          const __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(c0))),
+                               _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(c0, 1))),
+                               _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(c1))),
+                               _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(c1, 1)))};
+          float* o = out + i * K + sb * 256 + g * kBlock;
+          for (int j = 0; j < 4; ++j) {
+            if constexpr (QT == kQ4_K) {
+              _mm256_storeu_ps(o + 8 * j, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ds[g]), q[j]),
+                                                        _mm256_set1_ps(cs[g])));
+            } else {
+              _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(_mm256_set1_ps(ds[2 * g + j / 2]), q[j]));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 template <int64_t QT>
 void dequantize_rows(const uint8_t* w, int64_t n, int64_t K, int64_t row_bytes, float* out) {
+  if constexpr (is_k<QT>()) {
+    dequantize_rows_k<QT>(w, n, K, row_bytes, out);
+    return;
+  }
   constexpr int64_t BS = block_bytes<QT>();
   const int64_t nb = K / kBlock;
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
@@ -265,7 +427,7 @@ void dequantize_rows(const uint8_t* w, int64_t n, int64_t K, int64_t row_bytes, 
 template <int64_t QT>
 void matmul_impl(const at::Tensor& x, const std::vector<Part>& parts, int64_t K, int64_t fused_max_rows,
                  int64_t slab_bytes, at::Tensor& out) {
-  const int64_t M = x.size(0), N = out.size(1), row_bytes = K / kBlock * block_bytes<QT>();
+  const int64_t M = x.size(0), N = out.size(1), row_bytes = K / block_weights<QT>() * block_bytes<QT>();
   if (M == 0 || N == 0) return;
   if (M <= fused_max_rows) {
     fused_matmul<QT>(x.data_ptr<float>(), M, K, parts.data(), N, out.data_ptr<float>(), N);
@@ -290,17 +452,25 @@ void matmul_impl(const at::Tensor& x, const std::vector<Part>& parts, int64_t K,
 }
 
 int64_t block_bytes_of(int64_t qtype) {
-  return qtype == kQ4_0 ? 18 : qtype == kQ4_1 ? 20 : qtype == kQ8_0 ? 34 : 0;
+  switch (qtype) {
+    case kQ4_0: return block_bytes<kQ4_0>();
+    case kQ4_1: return block_bytes<kQ4_1>();
+    case kQ8_0: return block_bytes<kQ8_0>();
+    case kQ4_K: return block_bytes<kQ4_K>();
+    case kQ6_K: return block_bytes<kQ6_K>();
+    default: return 0;
+  }
 }
 
 void check_blocks(const at::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "llama3_quant: blocks must be a contiguous CPU uint8 tensor (rows, bytes_per_row)");
-  TORCH_CHECK(K > 0 && K % kBlock == 0, "llama3_quant: in_features must be a positive multiple of 32, got ", K);
   const int64_t bs = block_bytes_of(qtype);
   TORCH_CHECK(bs > 0, "llama3_quant: unsupported ggml type ", qtype);
-  TORCH_CHECK(w.size(1) == K / kBlock * bs, "llama3_quant: rows hold ", w.size(1), " bytes, expected ",
-              K / kBlock * bs, " for ", K, " weights");
+  const int64_t bw = qtype == kQ4_K || qtype == kQ6_K ? 256 : kBlock;
+  TORCH_CHECK(K > 0 && K % bw == 0, "llama3_quant: in_features must be a positive multiple of ", bw, ", got ", K);
+  TORCH_CHECK(w.size(1) == K / bw * bs, "llama3_quant: rows hold ", w.size(1), " bytes, expected ", K / bw * bs,
+              " for ", K, " weights");
 }
 
 // x (..., K) of any floating dtype -> (..., sum of rows) in x's dtype, computed in float32: x times the
@@ -328,6 +498,8 @@ at::Tensor qmatmul_cat(const at::Tensor& x, at::TensorList blocks, int64_t qtype
   switch (qtype) {
     case kQ4_0: matmul_impl<kQ4_0>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     case kQ4_1: matmul_impl<kQ4_1>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
+    case kQ4_K: matmul_impl<kQ4_K>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
+    case kQ6_K: matmul_impl<kQ6_K>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     default: matmul_impl<kQ8_0>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
   }
   return is_float ? out : out.to(x.scalar_type());
@@ -345,6 +517,8 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
   switch (qtype) {
     case kQ4_0: dequantize_rows<kQ4_0>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     case kQ4_1: dequantize_rows<kQ4_1>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
+    case kQ4_K: dequantize_rows<kQ4_K>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
+    case kQ6_K: dequantize_rows<kQ6_K>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     default: dequantize_rows<kQ8_0>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
   }
   return out;
@@ -360,6 +534,8 @@ void llama3_quant::matmul_few_rows(const float* x, int64_t M, int64_t K, const P
   switch (qtype) {
     case kQ4_0: fused_matmul<kQ4_0>(x, M, K, parts, N, out, ldo); break;
     case kQ4_1: fused_matmul<kQ4_1>(x, M, K, parts, N, out, ldo); break;
+    case kQ4_K: fused_matmul<kQ4_K>(x, M, K, parts, N, out, ldo); break;
+    case kQ6_K: fused_matmul<kQ6_K>(x, M, K, parts, N, out, ldo); break;
     default: fused_matmul<kQ8_0>(x, M, K, parts, N, out, ldo); break;
   }
 }

@@ -68,7 +68,9 @@ def _load() -> bool:
         load(
             name="llama3_quant",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            # -ffp-contract=off: no implicit fused multiply-adds, so dequantization rounds exactly as gguf's
+            # numpy code (each product and sum on its own); the kernels' FMAs are explicit intrinsics.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"],
             # -fopenmp links libgomp by soname; torch has already loaded its own, so both share one pool.
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
