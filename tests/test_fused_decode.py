@@ -46,11 +46,11 @@ def tiny_hf_k() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
 def gguf_path(request, tmp_path_factory):
     # K-quant blocks are random valid bytes (gguf-py cannot quantize into them); the float reference
     # dequantizes the very same blocks.
-    hf = request.getfixturevalue("tiny_hf_k" if request.param in (Q.Q4_K, Q.Q6_K) else "tiny_hf")
+    hf = request.getfixturevalue("tiny_hf_k" if request.param in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else "tiny_hf")
     return write_gguf(tmp_path_factory.mktemp("fused") / f"tiny-{request.param.name}.gguf", hf, request.param)
 
 

@@ -2,7 +2,7 @@
 
 ``build_model(..., quantize="auto")`` swaps modules through the factories here:
 
-* ``quantized_linear(t, dtype, device)``: a ``QuantLinear`` for Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K matrices (AVX2 kernels on
+* ``quantized_linear(t, dtype, device)``: a ``QuantLinear`` for Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices (AVX2 kernels on
   CPU, dequantize-on-the-fly elsewhere), or None for every other encoding (the loader then expands it).
 * ``quantized_linear_cat([t1, t2, ...], dtype, device)``: one module for several matrices sharing their
   input (a fused wqkv or w1|w3), run as a single kernel call, or None.
@@ -50,7 +50,7 @@ def _blocks(t: GGMLTensor, device: torch.device) -> torch.Tensor | None:
 def quantized_linear(t: GGMLTensor, dtype: torch.dtype, device: torch.device | str) -> QuantLinear | None:
     """A ``QuantLinear`` computing x @ W^T for the GGUF matrix ``t`` (torch shape (out, in)), or None.
 
-    None when ``t``'s encoding has no fast kernel here: only Q4_0, Q4_1, Q8_0, Q4_K and Q6_K have one, on CPU only
+    None when ``t``'s encoding has no fast kernel here: only Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K have one, on CPU only
     where the AVX2 kernels could be built. ``dtype`` is accepted for symmetry: outputs follow x's dtype.
     """
     device = torch.device(device)

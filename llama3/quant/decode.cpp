@@ -1,5 +1,5 @@
 // One decoding step (one new token per row) through every layer in a single call: the CPU fast path for
-// models whose matrices are Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks.
+// models whose matrices are Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks.
 //
 // Why: a decode step of a small model is dominated by dispatch, not arithmetic. As PyTorch ops each layer is
 // ~40 calls (norms, RoPE, cache writes, attention, SwiGLU) of a few microseconds each, more than the
@@ -40,11 +40,11 @@ enum Tensor_ { kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm, kW1, kW3, kW2 };
 
 // Bytes per block and weights per block of the types kernels.cpp implements (0: not one of them).
 int64_t block_bytes_of(int64_t qtype) {
-  return qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : qtype == 12 ? 144 : qtype == 14 ? 210 : 0;
+  return qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : qtype == 12 ? 144 : qtype == 13 ? 176 : qtype == 14 ? 210 : 0;
 }
 
 int64_t block_weights_of(int64_t qtype) {
-  return qtype == 12 || qtype == 14 ? 256 : 32;
+  return qtype >= 12 && qtype <= 14 ? 256 : 32;
 }
 
 inline float hsum(__m256 v) {

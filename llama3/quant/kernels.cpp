@@ -9,6 +9,7 @@
 //   Q4_K: [d f16][dmin f16][12 bytes: 8 6-bit scales, 8 6-bit mins][128 bytes of nibbles]
 //         w = (d * sc_g) * q - (dmin * m_g); group g holds the low (g even) or high (g odd) nibbles of
 //         bytes 32 * (g / 2) .. + 31
+//   Q5_K: as Q4_K with [32 bytes qh] before the nibbles: bit g of qh byte l is the fifth bit of weight l of group g
 //   Q6_K: [128 bytes ql][64 bytes qh][16 x int8 scales][d f16]
 //         w = (d * sc_i) * (q - 32) for 16-weight sub-blocks i; the 6-bit q = 4 bits of ql | 2 bits of qh << 4
 // Both reduce to the 32-weight form above with per-group scales (two per group for Q6_K).
@@ -42,12 +43,12 @@
 namespace {
 
 // gguf.GGMLQuantizationType values.
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 constexpr int64_t kBlock = 32;
 
 template <int64_t QT>
 constexpr bool is_k() {
-  return QT == kQ4_K || QT == kQ6_K;
+  return QT == kQ4_K || QT == kQ5_K || QT == kQ6_K;
 }
 
 // Weights per block (what a row's length must be a multiple of) and bytes per block.
@@ -58,7 +59,7 @@ constexpr int64_t block_weights() {
 
 template <int64_t QT>
 constexpr int64_t block_bytes() {
-  return QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ8_0 ? 34 : QT == kQ4_K ? 144 : 210;
+  return QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ8_0 ? 34 : QT == kQ4_K ? 144 : QT == kQ5_K ? 176 : 210;
 }
 
 inline float hsum(__m256 v) {
@@ -190,7 +191,7 @@ inline void dot_rows(const uint8_t* w, int64_t nb, const int16_t* xq, const floa
 
 // K-quants: per super-block scales, then the 32-weight groups as int16 codes.
 
-// Q4_K group g: d_g = d * sc_g and c_g = dmin * m_g (w = d_g q - c_g), as gguf's get_scale_min.
+// Q4_K / Q5_K group g: d_g = d * sc_g and c_g = dmin * m_g (w = d_g q - c_g), as gguf's get_scale_min.
 inline void q4k_scales(const uint8_t* blk, float dg[8], float cg[8]) {
   uint16_t h[2];
   std::memcpy(h, blk, 4);
@@ -218,7 +219,7 @@ inline void q6k_scales(const uint8_t* blk, float di[16]) {
   for (int i = 0; i < 16; ++i) di[i] = d * static_cast<float>(static_cast<int8_t>(blk[192 + i]));
 }
 
-// Group g's 32 codes as int16: c0 = weights 0..15, c1 = 16..31 (Q4_K: 0..15; Q6_K: q - 32 in -32..31).
+// Group g's 32 codes as int16: c0 = weights 0..15, c1 = 16..31 (Q4_K 0..15, Q5_K 0..31, Q6_K q - 32 in -32..31).
 template <int64_t QT>
 inline void group_codes(const uint8_t* blk, int g, __m256i& c0, __m256i& c1) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -227,6 +228,12 @@ inline void group_codes(const uint8_t* blk, int g, __m256i& c0, __m256i& c1) {
     q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * (g >> 1)));
     if (g & 1) q = _mm256_srli_epi16(q, 4);
     q = _mm256_and_si256(q, low4);
+  } else if constexpr (QT == kQ5_K) {
+    q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 48 + 32 * (g >> 1)));
+    if (g & 1) q = _mm256_srli_epi16(q, 4);
+    __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+    hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(g)), _mm256_set1_epi8(0x01));
+    q = _mm256_or_si256(_mm256_and_si256(q, low4), _mm256_slli_epi16(hb, 4));
   } else {
     const int h = g >> 2, k = g & 3;
     __m256i lq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32 * (k & 1)));
@@ -260,7 +267,7 @@ inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const f
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* blk = w + sb * BS;
     float ds[16], cs[8];
-    if constexpr (QT == kQ4_K) q4k_scales(blk, ds, cs);
+    if constexpr (QT != kQ6_K) q4k_scales(blk, ds, cs);
     else q6k_scales(blk, ds);
     for (int g = 0; g < 8; ++g) {
       const int64_t b = sb * 8 + g;
@@ -272,7 +279,7 @@ inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const f
         const __m256i p0 = _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)));
         const __m256i p1 = _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16)));
         __m256& a = acc[r][g & 1];
-        if constexpr (QT == kQ4_K) {
+        if constexpr (QT != kQ6_K) {
           a = _mm256_fmadd_ps(_mm256_set1_ps(ds[g] * xs[0]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), a);
           off[r] -= cs[g] * xs[1];
         } else {
@@ -358,7 +365,7 @@ inline float half_at(const uint8_t* p) {
 // Rows [0, n) of W as float32 into out (n, K), bit-identical to gguf.quants.dequantize: the same float32
 // operations (Q4_1 d * q + m, Q4_0 d * (q - 8), Q8_0 d * q), and d * q is exact (11 x 8 significant bits),
 // so whether the compiler fuses the Q4_1 multiply-add or not cannot change the result.
-// K-quant rows, bit-identical to gguf's numpy dequantizers: Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * q,
+// K-quant rows, bit-identical to gguf's numpy dequantizers: Q4_K/Q5_K (d * sc) * q - dmin * m, Q6_K (d * sc) * q,
 // each product and difference rounded on its own (the build passes -ffp-contract=off, so no fused
 // multiply-add merges them).
 template <int64_t QT>
@@ -369,7 +376,7 @@ void dequantize_rows_k(const uint8_t* w, int64_t n, int64_t K, int64_t row_bytes
       for (int64_t sb = 0; sb < K / 256; ++sb) {
         const uint8_t* blk = w + i * row_bytes + sb * BS;
         float ds[16], cs[8];
-        if constexpr (QT == kQ4_K) q4k_scales(blk, ds, cs);
+        if constexpr (QT != kQ6_K) q4k_scales(blk, ds, cs);
         else q6k_scales(blk, ds);
         for (int g = 0; g < 8; ++g) {
           __m256i c0, c1;
@@ -380,7 +387,7 @@ void dequantize_rows_k(const uint8_t* w, int64_t n, int64_t K, int64_t row_bytes
                                _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(c1, 1)))};
           float* o = out + i * K + sb * 256 + g * kBlock;
           for (int j = 0; j < 4; ++j) {
-            if constexpr (QT == kQ4_K) {
+            if constexpr (QT != kQ6_K) {
               _mm256_storeu_ps(o + 8 * j, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ds[g]), q[j]),
                                                         _mm256_set1_ps(cs[g])));
             } else {
@@ -457,6 +464,7 @@ int64_t block_bytes_of(int64_t qtype) {
     case kQ4_1: return block_bytes<kQ4_1>();
     case kQ8_0: return block_bytes<kQ8_0>();
     case kQ4_K: return block_bytes<kQ4_K>();
+    case kQ5_K: return block_bytes<kQ5_K>();
     case kQ6_K: return block_bytes<kQ6_K>();
     default: return 0;
   }
@@ -467,7 +475,7 @@ void check_blocks(const at::Tensor& w, int64_t qtype, int64_t K) {
               "llama3_quant: blocks must be a contiguous CPU uint8 tensor (rows, bytes_per_row)");
   const int64_t bs = block_bytes_of(qtype);
   TORCH_CHECK(bs > 0, "llama3_quant: unsupported ggml type ", qtype);
-  const int64_t bw = qtype == kQ4_K || qtype == kQ6_K ? 256 : kBlock;
+  const int64_t bw = qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K ? 256 : kBlock;
   TORCH_CHECK(K > 0 && K % bw == 0, "llama3_quant: in_features must be a positive multiple of ", bw, ", got ", K);
   TORCH_CHECK(w.size(1) == K / bw * bs, "llama3_quant: rows hold ", w.size(1), " bytes, expected ", K / bw * bs,
               " for ", K, " weights");
@@ -499,6 +507,7 @@ at::Tensor qmatmul_cat(const at::Tensor& x, at::TensorList blocks, int64_t qtype
     case kQ4_0: matmul_impl<kQ4_0>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     case kQ4_1: matmul_impl<kQ4_1>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     case kQ4_K: matmul_impl<kQ4_K>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
+    case kQ5_K: matmul_impl<kQ5_K>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     case kQ6_K: matmul_impl<kQ6_K>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
     default: matmul_impl<kQ8_0>(x2, parts, K, fused_max_rows, slab_bytes, out2); break;
   }
@@ -518,6 +527,7 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
     case kQ4_0: dequantize_rows<kQ4_0>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     case kQ4_1: dequantize_rows<kQ4_1>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     case kQ4_K: dequantize_rows<kQ4_K>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
+    case kQ5_K: dequantize_rows<kQ5_K>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     case kQ6_K: dequantize_rows<kQ6_K>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
     default: dequantize_rows<kQ8_0>(wp, w.size(0), K, w.size(1), out.data_ptr<float>()); break;
   }
@@ -535,6 +545,7 @@ void llama3_quant::matmul_few_rows(const float* x, int64_t M, int64_t K, const P
     case kQ4_0: fused_matmul<kQ4_0>(x, M, K, parts, N, out, ldo); break;
     case kQ4_1: fused_matmul<kQ4_1>(x, M, K, parts, N, out, ldo); break;
     case kQ4_K: fused_matmul<kQ4_K>(x, M, K, parts, N, out, ldo); break;
+    case kQ5_K: fused_matmul<kQ5_K>(x, M, K, parts, N, out, ldo); break;
     case kQ6_K: fused_matmul<kQ6_K>(x, M, K, parts, N, out, ldo); break;
     default: fused_matmul<kQ8_0>(x, M, K, parts, N, out, ldo); break;
   }

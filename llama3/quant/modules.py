@@ -15,7 +15,7 @@ from .blocks import FORMATS, dequantize_rows
 
 # The portable path dequantizes at most this many bytes of float weights at a time.
 _PORTABLE_SLAB_BYTES = 32 << 20
-NATIVE_TYPES = frozenset({2, 3, 8, 12, 14})  # Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: the types kernels.cpp implements
+NATIVE_TYPES = frozenset({2, 3, 8, 12, 13, 14})  # Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K: what kernels.cpp implements
 
 
 def _type_name(ggml_type: int) -> str:
