@@ -258,10 +258,10 @@ inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const f
                        float* out, int64_t ldo) {
   constexpr int64_t BS = block_bytes<QT>();
   __m256 acc[R][2];
-  float off[R];
+  float off[R][2];  // two chains, like acc: one serial chain of scalar adds would bound the loop
   for (int r = 0; r < R; ++r) {
     acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    off[r] = 0.f;
+    off[r][0] = off[r][1] = 0.f;
   }
   const int64_t nb = K / kBlock;
   for (int64_t sb = 0; sb < nsb; ++sb) {
@@ -281,7 +281,7 @@ inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const f
         __m256& a = acc[r][g & 1];
         if constexpr (QT != kQ6_K) {
           a = _mm256_fmadd_ps(_mm256_set1_ps(ds[g] * xs[0]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), a);
-          off[r] -= cs[g] * xs[1];
+          off[r][g & 1] -= cs[g] * xs[1];
         } else {
           a = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * g] * xs[0]), _mm256_cvtepi32_ps(p0), a);
           a = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * g + 1] * xs[0]), _mm256_cvtepi32_ps(p1), a);
@@ -289,7 +289,7 @@ inline void dot_rows_k(const uint8_t* w, int64_t nsb, const int16_t* xq, const f
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + off[r];
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (off[r][0] + off[r][1]);
 }
 
 using llama3_quant::Part;
