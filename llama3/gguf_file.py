@@ -14,6 +14,7 @@ first), type and offset; then the tensor data, aligned to ``general.alignment`` 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 _LIMIT = 1 << 34  # sanity bound on lengths read from the header: a corrupt file must not allocate terabytes
+_MAX_NESTING = 8  # arrays of arrays nest this deep at most (a corrupt file must not exhaust the stack)
 
 
 class GGUFFormatError(ValueError):
@@ -86,7 +88,7 @@ class _Reader:
         self.pos += n
         return text
 
-    def value(self, vtype: int, keep: bool) -> tuple[Any, int | None]:
+    def value(self, vtype: int, keep: bool, depth: int = 0) -> tuple[Any, int | None]:
         """(the value, or None if not kept; the array length for arrays)."""
         if vtype == _STRING:
             return self.string(), None
@@ -102,6 +104,8 @@ class _Reader:
                 return [self.string() for _ in range(count)], count
             for _ in range(count):  # skip without decoding
                 length = self.take("Q")
+                if length > _LIMIT or self.pos + length > len(self.buf):
+                    raise GGUFFormatError(f"the header is corrupt or truncated (a string of {length} bytes)")
                 self.pos += length
             return None, count
         if etype in _SCALARS:
@@ -112,7 +116,9 @@ class _Reader:
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy() if keep else None
             self.pos = end
             return arr, count
-        return [self.value(etype, keep)[0] for _ in range(count)], count
+        if depth >= _MAX_NESTING:
+            raise GGUFFormatError("the header is corrupt (arrays nested too deep)")
+        return [self.value(etype, keep, depth + 1)[0] for _ in range(count)], count
 
 
 def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: True, *, tensors: bool = True) -> GGUFFile:
@@ -125,10 +131,13 @@ def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: T
         if fh.read(4) != b"GGUF":
             raise GGUFFormatError("not a GGUF file (bad magic)")
         size = fh.seek(0, 2)
+        if size < 24:  # magic, version, tensor count, key/value count
+            raise GGUFFormatError(f"the header is truncated ({size} bytes)")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         (version,) = struct.unpack_from("<I", mm, 4)
-        reader = _Reader(mm, "<" if version < 0x10000 else ">")  # a big-endian file's version reads byte-swapped
+        big_endian = version >= 0x10000  # a big-endian file's version reads byte-swapped
+        reader = _Reader(mm, ">" if big_endian else "<")
         reader.pos = 4
         version = reader.take("I")
         if version < 2:
@@ -138,18 +147,29 @@ def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: T
             raise GGUFFormatError("the header is corrupt (impossible counts)")
         out = GGUFFile(path, version)
         alignment = 32
+        seen: set[str] = set()
         for _ in range(n_kv):
             key = reader.string()
+            if key in seen:
+                raise GGUFFormatError(f"the header is corrupt (key {key!r} appears twice)")
+            seen.add(key)
             kept = keep(key) or key == "general.alignment"
             value, length = reader.value(reader.take("I"), kept)
             if length is not None:
                 out.array_lengths[key] = length
             if key == "general.alignment":
-                alignment = int(value)
+                # The spec: a uint32 multiple of 8.
+                if not isinstance(value, int) or value < 8 or value % 8:
+                    raise GGUFFormatError(f"the header is corrupt (general.alignment {value!r})")
+                alignment = value
             if kept:
                 out.metadata[key] = value
         if not tensors:
             return out
+        if big_endian:
+            # Tensor data would need byte-swapping (quantized blocks field by field); llama.cpp writes
+            # little-endian files, and big-endian ones are rare enough to refuse rather than misread.
+            raise GGUFFormatError("big-endian GGUF files are not supported")
         directory = []
         for _ in range(n_tensors):
             name = reader.string()
@@ -158,10 +178,12 @@ def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: T
                 raise GGUFFormatError(f"the header is corrupt (tensor {name!r} with {n_dims} dimensions)")
             dims = [reader.take("Q") for _ in range(n_dims)]
             directory.append((name, dims, reader.take("I"), reader.take("Q")))
-        if alignment <= 0:
-            raise GGUFFormatError(f"the header is corrupt (general.alignment {alignment})")
+        if len({entry[0] for entry in directory}) != len(directory):
+            raise GGUFFormatError("the header is corrupt (a tensor name appears twice)")
         start = -(-reader.pos // alignment) * alignment
         for name, dims, ggml_type, offset in directory:
+            if offset % alignment:
+                raise GGUFFormatError(f"tensor {name!r} is not aligned to {alignment} bytes")
             n_bytes = _tensor_bytes(name, dims, ggml_type)
             if start + offset + n_bytes > size:
                 raise GGUFFormatError(f"tensor {name!r} runs past the end of the file (truncated)")
@@ -182,7 +204,9 @@ def _tensor_bytes(name: str, dims: list[int], ggml_type: int) -> int:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
         raise GGUFFormatError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)  # Python ints: a corrupt header cannot wrap the count around
+    if count > _LIMIT or any(d > _LIMIT for d in dims):
+        raise GGUFFormatError(f"tensor {name!r} has an impossible shape {dims}")
     if not dims or dims[0] % block:
         raise GGUFFormatError(f"tensor {name!r} of shape {dims} does not fill whole {block}-value blocks")
     return count // block * type_size

@@ -46,7 +46,8 @@ def rope_table(config: ModelConfig, length: int, device: torch.device | str | No
         freqs = freqs / torch.tensor(config.rope_freq_factors, dtype=torch.float64, device="cpu")
     freqs = freqs.float()
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+    # Then to the requested device, or the default one (a `with torch.device(...)` context) like any buffer.
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device if device is not None else torch.get_default_device())
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -242,6 +243,11 @@ class Transformer(nn.Module):
         device = tokens.device
         steps = torch.arange(seqlen, device=device)
         cached = self.cache_len > 0
+        # The decode kernel attends each row's positions 0..p; so do the layers, except when a caller asks an
+        # int-positioned step to see more cache slots than that (kv_len beyond the step).
+        kernel = self.decode_kernel if seqlen == 1 and cached else None
+        if kernel is not None and isinstance(start_pos, int) and kv_len is not None and kv_len > start_pos + 1:
+            kernel = None
         if isinstance(start_pos, int):
             end = start_pos + seqlen
             if start_pos and not cached:
@@ -269,8 +275,7 @@ class Transformer(nn.Module):
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)
-        kernel = self.decode_kernel
-        if seqlen == 1 and cached and kernel is not None and kernel.usable(self, h):
+        if kernel is not None and kernel.usable(self, h):
             h = kernel(self, h, positions[:, 0], cache_rows)
         else:
             for layer in self.layers:

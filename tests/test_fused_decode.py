@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf_utils import write_gguf
+from gguf_utils import random_blocks, write_gguf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama3
@@ -54,11 +54,26 @@ def gguf_path(request, tmp_path_factory):
     return write_gguf(tmp_path_factory.mktemp("fused") / f"tiny-{request.param.name}.gguf", hf, request.param)
 
 
+class Counting:
+    """A decode kernel wrapper that counts the steps it actually ran (so a silently unusable kernel fails)."""
+
+    def __init__(self, kernel: FusedDecode) -> None:
+        self.kernel, self.calls = kernel, 0
+
+    def usable(self, model, h):
+        return self.kernel.usable(model, h)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.kernel(*args)
+
+
 def decode(model, kernel, forced: torch.Tensor, prompts=PROMPTS, rows=None):
     """Prefill each prompt into its cache row, then decode len(forced) steps feeding the given tokens.
 
-    Returns the per-step logits (steps, B, V) and the caches."""
-    model.decode_kernel = kernel
+    Returns the per-step logits (steps, B, V) and the caches. A given kernel must run every step."""
+    counting = Counting(kernel) if kernel is not None else None
+    model.decode_kernel = counting
     model.setup_cache(len(PROMPTS), 64)
     rows = list(range(len(prompts))) if rows is None else rows
     with torch.inference_mode():
@@ -70,6 +85,8 @@ def decode(model, kernel, forced: torch.Tensor, prompts=PROMPTS, rows=None):
             steps.append(model(tokens[:, None], positions, last_only=True, cache_rows=torch.tensor(rows))[:, -1])
             positions = positions + 1
     caches = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
+    assert counting is None or counting.calls == len(forced)  # prompts go through the layers, steps do not
+    model.decode_kernel = kernel
     return torch.stack(steps), caches
 
 
@@ -111,14 +128,56 @@ def test_not_used_where_it_does_not_apply(gguf_path, monkeypatch):
     assert llama3.load_model(gguf_path, device="cpu", dtype=torch.float32).decode_kernel is None
 
 
-def test_prompts_and_stale_kernels_take_the_layers(gguf_path):
+def test_usable_only_for_what_it_computes(gguf_path):
     model = llama3.load_model(gguf_path, device="cpu", dtype=torch.float32)
     model.setup_cache(1, 16)
+    kernel = model.decode_kernel
     h = torch.zeros(1, 1, model.config.dim)
-    assert model.decode_kernel.usable(model, h)
-    assert not model.decode_kernel.usable(model, h.bfloat16())
+    assert kernel.usable(model, h)
+    assert not kernel.usable(model, h.bfloat16())
+    with torch.enable_grad():
+        assert not kernel.usable(model, h.clone().requires_grad_())  # the native op has no backward
+    attn = model.layers[0].attention
+    blocks = attn.wq.blocks
+    attn.wq.blocks = blocks.clone()  # weights replaced after loading: the kernel's copy is stale
+    assert not kernel.usable(model, h)
+    attn.wq.blocks = blocks
     model.clear_cache()
-    assert not model.decode_kernel.usable(model, h)  # no cache: nothing to attend to
+    assert not kernel.usable(model, h)  # no cache: nothing to attend to
+
+
+def test_kernel_not_used_when_asked_for_more_cache_than_the_step(gguf_path):
+    """With an int start and an explicit kv_len past the step, the layers attend to those slots too."""
+    model = llama3.load_model(gguf_path, device="cpu", dtype=torch.float32)
+    model.setup_cache(1, 16)
+    counting = Counting(model.decode_kernel)
+    model.decode_kernel = counting
+    with torch.inference_mode():
+        model(torch.tensor([[3, 4, 5]]), 0)
+        model(torch.tensor([[6]]), 3, kv_len=4)
+        assert counting.calls == 1
+        model(torch.tensor([[7]]), 4, kv_len=9)
+        assert counting.calls == 1
+
+
+def test_mixed_block_types_in_a_layer(tiny_hf_k, tmp_path):
+    """A Q4_K_M-style file: Q4_K matrices with Q6_K wv and w2 and a Q5_K wk (several kernel calls per projection)."""
+    overrides = {}
+    for i in range(tiny_hf_k.config.num_hidden_layers):
+        for name, rows, cols, qtype in (("attn_v", 128, 256, Q.Q6_K), ("ffn_down", 256, 512, Q.Q6_K),
+                                        ("attn_k", 128, 256, Q.Q5_K)):  # fmt: skip
+            overrides[f"blk.{i}.{name}.weight"] = (random_blocks(rows, cols, qtype, seed=i), qtype)
+    path = write_gguf(tmp_path / "mixed.gguf", tiny_hf_k, Q.Q4_K, drop=tuple(overrides), extra_tensors=overrides)
+    model = llama3.load_model(path, device="cpu", dtype=torch.float32)
+    assert {model.layers[0].attention.wv.ggml_type, model.layers[0].attention.wk.ggml_type} == {Q.Q6_K, Q.Q5_K}
+    floats = llama3.load_model(path, device="cpu", dtype=torch.float32, quantize=None)
+    forced = torch.randint(0, 256, (6, len(PROMPTS)), generator=torch.Generator().manual_seed(3))
+    fused, _ = decode(model, model.decode_kernel, forced)
+    layers, _ = decode(model, None, forced)
+    reference, _ = decode(floats, None, forced)
+    scale = reference.abs().max().item()
+    assert (fused - reference).abs().max().item() <= 2 * (layers - reference).abs().max().item() + 1e-5 * scale
+    assert torch.equal(fused.argmax(-1), layers.argmax(-1))
 
 
 def test_op_rejects_positions_outside_the_cache(gguf_path):

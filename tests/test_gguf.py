@@ -3,6 +3,7 @@ and each kind of damaged or unsupported file."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,52 @@ def test_truncated(tiny_hf, tmp_path):
         short.write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
             llama3.load_model(short)
+
+
+def _gguf_bytes(kv: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    """A hand-built GGUF v3 header (little-endian), to damage in ways a writer never would."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + tensors
+
+
+def _s(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"GGUF\x03\x00", "truncated"),
+        # A vocabulary string claiming 2^62 bytes, in an array the loader skips without decoding.
+        (_gguf_bytes(_s("tokenizer.ggml.tokens") + struct.pack("<IIQQ", 9, 8, 1, 2**62), n_kv=1), "corrupt or truncated"),
+        # Arrays of arrays nested 50 deep.
+        (_gguf_bytes(_s("general.x") + struct.pack("<IIQ", 9, 9, 1) * 50 + struct.pack("<IQ", 4, 0), n_kv=1), "nested"),
+        (_gguf_bytes(_s("general.alignment") + struct.pack("<I", 8) + _s("32"), n_kv=1), "general.alignment"),
+        (_gguf_bytes((_s("general.name") + struct.pack("<I", 8) + _s("a")) * 2, n_kv=2), "appears twice"),
+        # A tensor whose element count overflows 64 bits (32 * 2^62 * 4).
+        (_gguf_bytes(tensors=_s("x") + struct.pack("<I3QIQ", 3, 32, 2**62, 4, 0, 0), n_tensors=1), "impossible shape"),
+    ],
+    ids=["short", "huge-string", "nested", "alignment", "duplicate-key", "overflowing-shape"],
+)
+def test_damaged_headers(tmp_path, data, message):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match=message):
+        llama3.load_model(bad)
+
+
+def test_big_endian_is_refused_not_misread(tiny_hf, tmp_path):
+    from gguf import GGUFEndian, GGUFWriter
+
+    path = tmp_path / "big.gguf"
+    writer = GGUFWriter(str(path), "llama", endianess=GGUFEndian.BIG)
+    writer.add_block_count(2)
+    writer.add_tensor("output_norm.weight", np.arange(4, dtype=np.float32))  # the writer swaps the bytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="big-endian GGUF files are not supported"):
+        llama3.load_model(path)
 
 
 def test_unsupported_architecture(tiny_hf, tmp_path):

@@ -9,6 +9,9 @@ Tolerances, each a proven bound rather than a fitted number:
 * The few-rows kernel codes x as int16 per block of 32 (x ~= sx * xq, sx = max|x_b| / 32767, rounding to
   nearest: |x - sx xq| <= 0.51 sx including the float32 error of forming sx), and sums q * xq exactly in
   integers; that adds at most  sum_k |d q_k| * 0.51 sx_b(k) <= sum_k 2 blockmax|w|_k * 0.51 sx_b(k).
+* Q4_K / Q5_K (w = d q - c per group of 32): c can exceed the group's max|w| when no weight has the code 0,
+  so there |d q| + |c| <= max|w| + 2 max|c| replaces 3 max|w| (and max|w| + max|c| replaces 2 max|w|), with
+  c decoded by gguf from the same blocks with their codes zeroed. Q6_K has no offset: |d q| = |w|.
 * bfloat16 inputs are compared with the reference on the same (bf16) values; the output is rounded to
   bfloat16 once, which adds at most 2^-9 |y| (we allow 2^-8 |y|).
 """
@@ -62,15 +65,40 @@ def make_tensor(qtype: int, rows: int, cols: int, seed: int = 0, name: str = "w"
     return GGMLTensor(name=name, ggml_type=int(qtype), shape=(rows, cols), data=raw)
 
 
+# Byte ranges of a K-quant block holding its codes (Q5_K: qh and the nibbles).
+_CODE_BYTES = {T.Q4_K: (16, 144), T.Q5_K: (16, 176)}
+
+
+def group_max(values: torch.Tensor) -> torch.Tensor:
+    """Each weight's group-of-32 maximum of ``values`` (rows, cols), broadcast back to (rows, cols)."""
+    return values.unflatten(-1, (-1, 32)).amax(-1, keepdim=True).expand(-1, -1, 32).flatten(-2)
+
+
+def offsets(t: GGMLTensor) -> torch.Tensor | None:
+    """|c| of w = d q - c for Q4_K / Q5_K: gguf's decoding of the same blocks with every code set to 0."""
+    if t.ggml_type not in _CODE_BYTES:
+        return None
+    lo, hi = _CODE_BYTES[T(t.ggml_type)]
+    raw = t.data.reshape(t.shape[0], -1, FORMATS[t.ggml_type][1]).copy()
+    raw[..., lo:hi] = 0
+    zeroed = GGMLTensor(name="c", ggml_type=t.ggml_type, shape=t.shape, data=raw.reshape(t.shape[0], -1))
+    return zeroed.dequantize().double().abs()
+
+
 def reference(x: torch.Tensor, t: GGMLTensor, coded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(x @ W^T in float64, the error bound of the module docstring) with W from gguf's dequantizer."""
     w = t.dequantize().double()
     xd = x.double()
-    blockmax = w.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True).expand(-1, -1, 32).flatten(-2)
-    bound = t.shape[1] * 2.0**-24 * (xd.abs() @ (3 * blockmax).T)
+    blockmax = group_max(w.abs())
+    # |d q| + |c| per weight: <= 3 max|w| for the 32-blocks (docstring); for Q4_K/Q5_K, whose offset is not
+    # bounded by the group's weights (a group may lack the code 0), <= max|w| + 2 max|c| since d q = w + c.
+    c = offsets(t)
+    cmax = group_max(c) if c is not None else torch.zeros_like(blockmax)
+    summed, coded_term = torch.maximum(3 * blockmax, blockmax + 2 * cmax), torch.maximum(2 * blockmax, blockmax + cmax)
+    bound = t.shape[1] * 2.0**-24 * (xd.abs() @ summed.T)
     if coded:
         sx = xd.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True).expand(*xd.shape[:-1], -1, 32).flatten(-2)
-        bound = bound + (0.51 * sx / 32767) @ (2 * blockmax).T
+        bound = bound + (0.51 * sx / 32767) @ coded_term.T
     return xd @ w.T, bound
 
 

@@ -62,10 +62,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // exp of 8 floats: Cody-Waite reduction x = n ln2 + r, then the classic Cephes expf polynomial in r (within
-// 2 ulp of std::exp). Inputs are clamped to [-87.3, 88.7], where 2^n stays a normal float: exp(-87.3) is
-// 1e-38, which is 0 for every use here (softmax weights, silu's denominator).
+// 2 ulp of std::exp). Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float: exp(-87.3) is
+// 1e-38, which is 0 for every use here (softmax weights, silu's denominator). The constant is the first
+// operand of max/min, which return their second operand for a NaN: a NaN input stays NaN, as in std::exp.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi

@@ -29,7 +29,9 @@ class FusedDecode:
 
     def __init__(self, weights: list[torch.Tensor], qtypes: list[int], n_heads: int, eps: float) -> None:
         self.weights, self.qtypes, self.n_heads, self.eps = weights, qtypes, n_heads, eps
-        self._anchor = weights[1]  # the first wq's blocks: if they are replaced (.to(...)), this kernel is stale
+        # The first wq's blocks: .to(...) replaces every buffer, so a changed identity means a stale kernel.
+        # (Swapping single modules after loading is not supported: rebuild with FusedDecode.build.)
+        self._anchor = weights[1]
 
     @classmethod
     def build(cls, model: Transformer) -> FusedDecode | None:
@@ -53,10 +55,12 @@ class FusedDecode:
         return cls(weights, qtypes, model.config.n_heads, model.config.norm_eps)
 
     def usable(self, model: Transformer, h: torch.Tensor) -> bool:
-        """Whether this call can run fused: float32 rows, the same weights as at build, a float32 CPU cache."""
+        """Whether this call can run fused: float32 rows, the same weights as at build, a float32 CPU cache,
+        and nothing to differentiate (the native op has no backward)."""
         cache = model.layers[0].attention.cache
         return (
             h.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (h.requires_grad or self.weights[0].requires_grad))
             and model.layers[0].attention.wq.blocks is self._anchor
             and cache is not None
             and cache.k.dtype == torch.float32
