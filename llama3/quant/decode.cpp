@@ -38,21 +38,9 @@ constexpr int64_t kTensorsPerLayer = 9;
 constexpr int64_t kMatricesPerLayer = 7;
 enum Tensor_ { kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm, kW1, kW3, kW2 };
 
-// Bytes per block and weights per block of the types kernels.cpp implements (0: not one of them).
-int64_t block_bytes_of(int64_t qtype) {
-  return qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : qtype == 12 ? 144 : qtype == 13 ? 176 : qtype == 14 ? 210 : 0;
-}
-
-int64_t block_weights_of(int64_t qtype) {
-  return qtype >= 12 && qtype <= 14 ? 256 : 32;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using llama3_quant::block_bytes_of;
+using llama3_quant::block_weights_of;
+using llama3_quant::hsum;
 
 // n is a multiple of 8 (model dims are multiples of 32, head_dim of 8: checked by the caller).
 inline float dot(const float* a, const float* b, int64_t n) {

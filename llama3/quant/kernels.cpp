@@ -52,21 +52,18 @@ constexpr bool is_k() {
 }
 
 // Weights per block (what a row's length must be a multiple of) and bytes per block.
+using llama3_quant::block_bytes_of;
+using llama3_quant::block_weights_of;
+using llama3_quant::hsum;
+
 template <int64_t QT>
 constexpr int64_t block_weights() {
-  return is_k<QT>() ? 256 : kBlock;
+  return block_weights_of(QT);
 }
 
 template <int64_t QT>
 constexpr int64_t block_bytes() {
-  return QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ8_0 ? 34 : QT == kQ4_K ? 144 : QT == kQ5_K ? 176 : 210;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  return block_bytes_of(QT);
 }
 
 inline float hmax(__m256 v) {
@@ -458,24 +455,12 @@ void matmul_impl(const at::Tensor& x, const std::vector<Part>& parts, int64_t K,
   }
 }
 
-int64_t block_bytes_of(int64_t qtype) {
-  switch (qtype) {
-    case kQ4_0: return block_bytes<kQ4_0>();
-    case kQ4_1: return block_bytes<kQ4_1>();
-    case kQ8_0: return block_bytes<kQ8_0>();
-    case kQ4_K: return block_bytes<kQ4_K>();
-    case kQ5_K: return block_bytes<kQ5_K>();
-    case kQ6_K: return block_bytes<kQ6_K>();
-    default: return 0;
-  }
-}
-
 void check_blocks(const at::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "llama3_quant: blocks must be a contiguous CPU uint8 tensor (rows, bytes_per_row)");
   const int64_t bs = block_bytes_of(qtype);
   TORCH_CHECK(bs > 0, "llama3_quant: unsupported ggml type ", qtype);
-  const int64_t bw = qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K ? 256 : kBlock;
+  const int64_t bw = block_weights_of(qtype);
   TORCH_CHECK(K > 0 && K % bw == 0, "llama3_quant: in_features must be a positive multiple of ", bw, ", got ", K);
   TORCH_CHECK(w.size(1) == K / bw * bs, "llama3_quant: rows hold ", w.size(1), " bytes, expected ", K / bw * bs,
               " for ", K, " weights");
