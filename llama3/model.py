@@ -219,6 +219,24 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_batch = self.cache_len = 0
 
+    def _attention_inputs(
+        self, start_pos: int | torch.Tensor, positions: torch.Tensor, kv_len: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """The layers' RoPE rows, attention mask (None: every visible key) and cache extent (None: no cache)."""
+        seqlen, device, cached = positions.shape[1], positions.device, self.cache_len > 0
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            rope = self.rope[start_pos:end].unsqueeze(0)
+            kv_len = (kv_len or end) if cached else None
+            if seqlen == 1:  # one query needs no mask: every cached key up to it is visible
+                return rope, None, kv_len
+            key_pos = torch.arange(kv_len if cached else seqlen, device=device)
+            return rope, (key_pos[None, :] <= positions[0][:, None])[None, None], kv_len
+        rope = self.rope[positions]
+        kv_len = kv_len or self.cache_len
+        key_pos = torch.arange(kv_len, device=device)
+        return rope, (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1), kv_len  # (B, 1, T, S)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -260,26 +278,18 @@ class Transformer(nn.Module):
             if end > self.rope.shape[0]:
                 self.rope = rope_table(self.config, end, self.rope.device)
             positions = (start_pos + steps).expand(bsz, seqlen)
-            rope = self.rope[start_pos:end].unsqueeze(0)
-            kv_len = kv_len or (end if cached else None)
-            key_pos = torch.arange(kv_len if cached else seqlen, device=device)
-            # One query needs no mask: every cached key up to it is visible.
-            mask = None if seqlen == 1 else (key_pos[None, :] <= positions[0][:, None])[None, None]
         else:
             if not cached:
                 raise ValueError("per-row start positions need a KV cache: call setup_cache() first")
             positions = start_pos.to(device).unsqueeze(1) + steps  # (B, T)
-            rope = self.rope[positions]
-            kv_len = kv_len or self.cache_len
-            key_pos = torch.arange(kv_len, device=device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)
         if kernel is not None and kernel.usable(self, h):
             h = kernel(self, h, positions[:, 0], cache_rows)
         else:
+            rope, mask, kv_len = self._attention_inputs(start_pos, positions, kv_len)
             for layer in self.layers:
-                h = layer(h, rope, positions, mask, kv_len if cached else None, cache_rows)
+                h = layer(h, rope, positions, mask, kv_len, cache_rows)
         if output_index is not None:
             h = h[torch.arange(bsz, device=device), output_index].unsqueeze(1)
         elif last_only:
