@@ -31,16 +31,15 @@
 
 namespace {
 
+using llama3_quant::block_bytes_of;
+using llama3_quant::block_weights_of;
+using llama3_quant::hsum;
 using llama3_quant::Part;
 
 // Per layer: attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2 (tensors) and the ggml types of the 7 matrices.
 constexpr int64_t kTensorsPerLayer = 9;
 constexpr int64_t kMatricesPerLayer = 7;
 enum Tensor_ { kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm, kW1, kW3, kW2 };
-
-using llama3_quant::block_bytes_of;
-using llama3_quant::block_weights_of;
-using llama3_quant::hsum;
 
 // n is a multiple of 8 (model dims are multiples of 32, head_dim of 8: checked by the caller).
 inline float dot(const float* a, const float* b, int64_t n) {
