@@ -12,7 +12,7 @@
 //   Q5_K: as Q4_K with [32 bytes qh] before the nibbles: bit g of qh byte l is the fifth bit of weight l of group g
 //   Q6_K: [128 bytes ql][64 bytes qh][16 x int8 scales][d f16]
 //         w = (d * sc_i) * (q - 32) for 16-weight sub-blocks i; the 6-bit q = 4 bits of ql | 2 bits of qh << 4
-// Both reduce to the 32-weight form above with per-group scales (two per group for Q6_K).
+// All three reduce to the 32-weight form above with per-group scales (two per group for Q6_K).
 //
 // Two strategies, chosen by the number of rows M:
 //  * few rows (decoding): one pass over the weight blocks, each block dotted with up to 4 rows of x. Decoding
@@ -51,7 +51,7 @@ constexpr bool is_k() {
   return QT == kQ4_K || QT == kQ5_K || QT == kQ6_K;
 }
 
-// Weights per block (what a row's length must be a multiple of) and bytes per block.
+// Weights per block (what a row's length must be a multiple of) and bytes per block, as compile-time constants.
 using llama3_quant::block_bytes_of;
 using llama3_quant::block_weights_of;
 using llama3_quant::hsum;
