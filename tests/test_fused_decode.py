@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from conftest import tiny_hf_config
 from gguf_utils import random_blocks, write_gguf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import llama3
 from llama3.quant import native
@@ -26,9 +27,8 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [8, 1], [60, 61, 62, 63, 64, 65, 66, 67, 
 @pytest.fixture(scope="module")
 def tiny_hf() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=False,
+    cfg = tiny_hf_config(
+        vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=3, max_position_embeddings=128,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 32},
     )  # fmt: skip
@@ -39,10 +39,9 @@ def tiny_hf() -> LlamaForCausalLM:
 def tiny_hf_k() -> LlamaForCausalLM:
     """Rows of 256 weights, the K-quants' super-block (head_dim 64, as in Llama 3.2 1B)."""
     torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=True,
-    )  # fmt: skip
+    cfg = tiny_hf_config(
+        vocab_size=256, hidden_size=256, intermediate_size=512, max_position_embeddings=128, tie_word_embeddings=True
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
