@@ -21,6 +21,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class Delta:
     """What one sequence produced since its previous Delta; the last one has ``finish_reason`` set.
 
     ``finish_reason`` is "stop" (stop token or string), "length", "cancelled" or "error" (then ``error`` says
-    why). ``completion_tokens`` is the number of tokens generated so far (a final stop token not counted).
+    why and ``error_kind`` whose fault it was: "request" for a ``Llama3Error`` the request's own values caused,
+    "shutdown" when the server stopped before the sequence finished, "server" for anything else).
+    ``completion_tokens`` is the number of tokens generated so far (a final stop token not counted).
     """
 
     text: str = ""
@@ -90,6 +93,7 @@ class Delta:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None
 
 
 class Submission:
@@ -171,7 +175,7 @@ class Engine:
         *,
         max_batch_size: int = 8,
         max_seq_len: int = 2048,
-        max_queue: int = 64,
+        max_queue: int = 512,
         seed: int | None = None,
         threads: int | None = None,
     ) -> None:
@@ -197,6 +201,7 @@ class Engine:
         self._running: dict[int, _Running] = {}  # slot -> sequence
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by drain(): no admissions, then end what is left
         self.steps = 0  # decode steps run (for stats and tests)
         self.generated_tokens = 0
 
@@ -215,10 +220,28 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for stream in [*self._waiting, *(r.stream for r in self._running.values())]:
-            stream._put(Delta(finish_reason="error", error="the server is shutting down"))
-        self._waiting.clear()
-        self._running.clear()
+        self._end_all()
+
+    def drain(self, grace_s: float) -> None:
+        """Begin a graceful shutdown: refuse new work now, let running and waiting sequences go on for
+        ``grace_s`` seconds, then end those still unfinished with an error ("the server is shutting down")."""
+        with self._cond:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + max(0.0, grace_s)
+            self._cond.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def _end_all(self) -> None:
+        """End every waiting and running sequence with the shutdown error (engine thread, or after it stopped)."""
+        with self._cond:
+            streams = [*self._waiting, *(r.stream for r in self._running.values())]
+            self._waiting.clear()
+            self._running.clear()
+        for stream in streams:
+            stream._put(Delta(finish_reason="error", error="the server is shutting down", error_kind="shutdown"))
 
     def submit(self, specs: Sequence[GenerationSpec]) -> Submission:
         """Queue sequences (all or none) for generation; call from the event loop that will consume them."""
@@ -236,6 +259,8 @@ class Engine:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise EngineClosedError("the generation engine is not running")
+            if self._drain_deadline is not None:
+                raise EngineClosedError("the server is shutting down and accepts no new requests")
             waiting = sum(not s.cancelled for s in self._waiting)
             free = self.max_batch_size - len(self._running)
             # Waiting sequences first fill the free slots; up to max_queue more may wait behind them.
@@ -295,9 +320,12 @@ class Engine:
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._running:
-                        self._cond.wait()
+                        self._cond.wait()  # idle: nothing for a drain deadline to end
                     if self._stopping:
                         return
+                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                        self._end_all()
+                        continue
                     for stream in [s for s in self._waiting if s.cancelled]:
                         self._waiting.remove(stream)
                         stream._put(Delta(finish_reason="cancelled"))
@@ -314,17 +342,21 @@ class Engine:
                     self._guard([r.stream for r in self._running.values() if r.ready], self._decode_step)
 
     def _guard(self, streams: list[_Sequence], work) -> None:
-        """Run ``work``; on an unexpected error fail only the sequences involved and keep serving."""
+        """Run ``work``; on an error fail only the sequences involved and keep serving."""
         try:
             work()
+        except Llama3Error as exc:  # the request's own values (e.g. every token forbidden): its fault alone
+            self._fail(streams, str(exc), "request")
         except Exception as exc:  # noqa: BLE001 - the engine must survive any single failure
             log.exception("generation failed")
-            message = f"generation failed: {type(exc).__name__}: {exc}"
-            for stream in streams:
-                for slot, running in list(self._running.items()):
-                    if running.stream is stream:
-                        del self._running[slot]
-                stream._put(Delta(finish_reason="error", error=message))
+            self._fail(streams, f"generation failed: {type(exc).__name__}: {exc}", "server")
+
+    def _fail(self, streams: list[_Sequence], message: str, kind: str) -> None:
+        for stream in streams:
+            for slot, running in list(self._running.items()):
+                if running.stream is stream:
+                    del self._running[slot]
+            stream._put(Delta(finish_reason="error", error=message, error_kind=kind))
 
     def _drop_cancelled(self) -> None:
         for slot, running in list(self._running.items()):
@@ -389,7 +421,8 @@ class Engine:
         for slot, running in list(self._running.items()):
             if running.ready:
                 running.position += 1
-                self._accept(running, logits[slot, -1])
+                # One sequence's failure (its sampling values, its processors) must end that sequence alone.
+                self._guard([running.stream], partial(self._accept, running, logits[slot, -1]))
 
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
         """Choose the next token of one sequence from its (V,) logits, then emit text and maybe finish."""

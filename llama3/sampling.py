@@ -15,6 +15,11 @@ import torch
 
 from .errors import GenerationError
 
+# The largest float32: where an extreme (but accepted) penalty, bias or temperature would overflow a logit to
+# +inf, it stops here instead, so softmax never sees inf - inf.
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny
+
 
 class LogitsProcessor(Protocol):
     """Edits one row's next-token logits, e.g. to constrain the output format while decoding.
@@ -79,12 +84,17 @@ def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_mask: torch.Tensor | None, output_counts: torch.Tensor | None
 ) -> torch.Tensor:
     """Repetition penalty over prompt + output (HF/vLLM rule: divide positive logits, multiply negative ones),
-    presence and frequency penalties over the output only (OpenAI's rule). Shapes: (B, V)."""
+    presence and frequency penalties over the output only (OpenAI's rule). Shapes: (B, V).
+
+    Any penalty in (0, inf) is safe: the result is clamped to finite float32, so a penalty of 1e-300 makes a
+    seen token overwhelmingly likely (and 1e300 overwhelmingly unlikely) instead of producing inf or NaN."""
     if params.repetition_penalty != 1.0 and output_counts is not None:
         seen = output_counts > 0
         if prompt_mask is not None:
             seen = seen | prompt_mask
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        # Kept within float32's normal range so that 0 * penalty is never 0 * inf (NaN).
+        penalty = min(max(params.repetition_penalty, _F32_TINY), _F32_MAX)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-_F32_MAX, _F32_MAX)
         logits = torch.where(seen, penalised, logits)
     if output_counts is not None and (params.presence_penalty or params.frequency_penalty):
         counts = output_counts.to(logits.dtype)
@@ -122,9 +132,36 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, next_token)
 
 
+def checked_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits ready for a choice: +inf (an extreme bias) becomes the largest float32, and a row that is
+    NaN anywhere or forbids every token raises ``GenerationError`` (callers end that sequence alone)."""
+    if bool(torch.isnan(logits).any()):
+        raise GenerationError("the model's next-token logits are NaN: its numbers broke down (no token to choose)")
+    if bool((logits == -math.inf).all(dim=-1).any()):
+        raise GenerationError("no token is allowed: logit_bias or a logits processor forbids every token")
+    return logits.clamp(max=_F32_MAX)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T for T > 0, where a T too small for float32 (logits / T overflows) acts as greedy.
+
+    As in vLLM, a vanishing temperature is the greedy limit: the row's top tokens keep 0 and the rest become
+    -inf, so softmax puts all the mass on the argmax (shared evenly by exact ties). Ordinary temperatures
+    compute exactly ``logits / T``, Meta's arithmetic.
+    """
+    scaled = logits / min(temperature, _F32_MAX)
+    top = scaled.amax(dim=-1, keepdim=True)
+    overflowed = ~torch.isfinite(top)  # +inf, or NaN from 0 / T where T rounds to 0 in float32
+    if bool(overflowed.any()):
+        argmax = logits == logits.amax(dim=-1, keepdim=True)
+        greedy = torch.zeros_like(logits).masked_fill_(~argmax, -math.inf)
+        scaled = torch.where(overflowed, greedy, scaled)
+    return scaled
+
+
 def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """softmax(logits / T) after top-k and before min-p (B, V); the distribution top-p then samples from."""
-    logits = logits / params.temperature
+    logits = scaled_logits(logits, params.temperature)
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -137,7 +174,11 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token for each row of (B, V) float32 logits -> (B,) ids."""
+    """Pick the next token for each row of (B, V) float32 logits -> (B,) ids.
+
+    Raises ``GenerationError`` when a row has nothing to choose from (NaN logits, every token forbidden).
+    """
+    logits = checked_logits(logits)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     probs = next_token_probs(logits, params)

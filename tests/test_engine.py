@@ -88,6 +88,7 @@ class Result:
     finish: str | None = None
     tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -105,6 +106,7 @@ async def collect(submission, on_delta=None) -> list[Result]:
             r.deltas.append(delta.text)
             if delta.finish_reason:
                 r.finish, r.tokens, r.error = delta.finish_reason, delta.completion_tokens, delta.error
+                r.error_kind = delta.error_kind
             if on_delta is not None:
                 await on_delta(index, delta)
 
@@ -332,4 +334,43 @@ def test_a_failing_forward_fails_only_its_request(make_engine, tokenizer, monkey
     bad, good = asyncio.run(_one(engine, [GenerationSpec([5] * 7, 4, GREEDY), GenerationSpec([5] * 5, 4, GREEDY)]))
     assert bad.finish == "error" and "simulated kernel failure" in bad.error
     assert good.finish == "length" and good.tokens == 4
+    assert engine.alive
+
+
+def test_one_requests_failure_or_extreme_values_never_touch_the_others(make_engine, tokenizer):
+    """Values at the edge of what the API accepts run (a vanishing temperature is greedy), a sequence that cannot
+    go on (every token forbidden) fails alone with a request error, and the innocent sequences beside them give
+    what they give alone: the same ids and text, logprobs to float rounding (this float model's batched matmuls
+    round differently per batch size; the quantized kernels are bit-exact, see test_server)."""
+    prompts = prompts_for(tokenizer, 4)
+    innocent = [GenerationSpec(p, 12, SamplingParams(temperature=0.8, seed=i), logprobs=True, top_logprobs=2)
+                for i, p in enumerate(prompts[:3])]
+    forbid_all = {t: -1e300 for t in range(tokenizer.n_words)}  # -inf in float32
+    extreme = [
+        GenerationSpec(prompts[3], 12, SamplingParams(temperature=1e-37, seed=7)),
+        GenerationSpec(prompts[3], 12, SamplingParams(temperature=5e-324, seed=7)),
+        GenerationSpec(prompts[3], 12, SamplingParams(temperature=1.0, repetition_penalty=1e-300, seed=7)),
+        GenerationSpec(prompts[3], 12, SamplingParams(temperature=1.0, repetition_penalty=1e300, seed=7)),
+    ]
+    bad = GenerationSpec(prompts[3], 12, SamplingParams(temperature=1.0, logit_bias=forbid_all, seed=7))
+    engine = make_engine(max_batch_size=8)
+    alone = [asyncio.run(_one(engine, [spec]))[0] for spec in innocent]
+    greedy = asyncio.run(_one(engine, [GenerationSpec(prompts[3], 12, GREEDY)]))[0]
+
+    async def crowded():
+        subs = [engine.submit([spec]) for spec in [innocent[0], bad, innocent[1], *extreme, innocent[2]]]
+        return [r[0] for r in await asyncio.gather(*(collect(s) for s in subs))]
+
+    together = asyncio.run(crowded())
+    failed, tiny_t, tinier_t, small_rep, big_rep = together[1], together[3], together[4], together[5], together[6]
+    assert failed.finish == "error" and "forbids every token" in failed.error and failed.tokens == 0
+    assert failed.error_kind == "request"
+    for result, reference in zip([together[0], together[2], together[7]], alone):
+        assert result.finish == reference.finish and result.ids == reference.ids and result.text == reference.text
+        for got, want in zip(result.entries, reference.entries):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    assert tiny_t.text == tinier_t.text == greedy.text  # a vanishing temperature is the greedy limit
+    for result in (small_rep, big_rep):
+        assert result.finish in ("stop", "length") and result.error is None
     assert engine.alive

@@ -277,6 +277,66 @@ def test_same_seed_same_output_alone_and_alongside_others(server, client):
     assert others != {first}  # the seed matters
 
 
+def test_extreme_sampling_values_never_fail_a_neighbour(server, client):
+    """Values the schema accepts at its edges (a temperature whose 1/T overflows float32, a vanishing repetition
+    penalty) answer 200, a vanishing temperature is greedy, and the seeded requests running beside them are
+    bit-identical (text and logprobs) to running alone: the quantized kernels are batch-invariant."""
+    wait_idle(server)
+    innocent = [dict(messages=[{"role": "user", "content": f"Write one sentence about {w}."}], temperature=0.9,
+                     max_tokens=12, seed=i, logprobs=True, top_logprobs=2, logit_bias=NEVER_STOP)
+                for i, w in enumerate(("rivers", "maps", "owls"))]
+    alone = [client.chat.completions.create(model=MODEL_NAME, **kw).choices[0] for kw in innocent]
+    greedy = client.chat.completions.create(model=MODEL_NAME, messages=FRANCE, temperature=0, max_tokens=12,
+                                            logit_bias=NEVER_STOP).choices[0].message.content
+    extreme = [dict(temperature=t) for t in (1e-37, 1e-40, 5e-324)] + [
+        dict(temperature=1.0, repetition_penalty=1e-300, seed=5), dict(temperature=1e-38, repetition_penalty=1e-300)]
+
+    async def crowded():
+        aclient = AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        odd = [_chat_async(aclient, messages=FRANCE, max_tokens=12, logit_bias=NEVER_STOP, extra_body=kw)
+               for kw in extreme]
+        streamed = aclient.chat.completions.create(model=MODEL_NAME, messages=FRANCE, max_tokens=12, stream=True,
+                                                   logit_bias=NEVER_STOP, extra_body={"temperature": 1e-40})
+        results = await asyncio.gather(*odd[:2], *(_chat_async(aclient, **kw) for kw in innocent), *odd[2:], streamed)
+        text = "".join([c.choices[0].delta.content or "" async for c in results[-1] if c.choices])
+        await aclient.close()
+        return results[:-1], text
+
+    results, streamed_text = asyncio.run(crowded())
+    together, odd = results[2:5], results[:2] + results[5:]
+    for got, want in zip(together, alone):
+        choice = got.choices[0]
+        assert choice.message.content == want.message.content
+        assert choice.logprobs.model_dump() == want.logprobs.model_dump()
+    for result in odd:  # a vanishing repetition penalty may pick the prompt's own end-of-turn token: "stop"
+        assert result.choices[0].finish_reason in ("stop", "length")
+    assert [r.choices[0].message.content for r in odd[:3]] == [greedy] * 3 and streamed_text == greedy
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogates_are_replacement_characters(server, stream):
+    """JSON may carry a lone UTF-16 surrogate, which no UTF-8 text can hold: every tokenizer reads it as
+    U+FFFD (tiktoken's rule), in chat messages, content parts and completion prompts alike."""
+    def usage_of(path, body):
+        response = post(server, path, {**body, "max_tokens": 1, "temperature": 0, "stream": stream,
+                                       **({"stream_options": {"include_usage": True}} if stream else {})})
+        assert response.status_code == 200, response.text
+        if not stream:
+            return response.json()["usage"]["prompt_tokens"]
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+        return json.loads(events[-2])["usage"]["prompt_tokens"]
+
+    def bodies(text: str) -> list[tuple[str, dict]]:
+        return [(CHAT, {"messages": [{"role": "user", "content": text}]}),
+                (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}),
+                (COMP, {"prompt": text}), (COMP, {"prompt": ["ok", text]})]
+
+    for lone in ("\ud800", "\udfff"):  # json.dumps sends them as the escapes \ud800 and \udfff
+        for (path, body), (_, clean) in zip(bodies(f"hi {lone} x"), bodies("hi \ufffd x")):
+            assert usage_of(path, body) == usage_of(path, clean)
+
+
 def test_n_choices_are_seed_plus_index(client):
     kwargs = dict(model=MODEL_NAME, messages=FRANCE, temperature=1.0, max_tokens=10)
     both = client.chat.completions.create(n=2, seed=77, **kwargs)

@@ -68,13 +68,23 @@ class _Choice:
     def __init__(self) -> None:
         self.text, self.logprobs = "", []
         self.finish: str | None = None
-        self.tokens, self.error = 0, None
+        self.tokens, self.error, self.error_kind = 0, None, None
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         self.logprobs += delta.logprobs
         if delta.finish_reason is not None:
             self.finish, self.tokens, self.error = delta.finish_reason, delta.completion_tokens, delta.error
+            self.error_kind = delta.error_kind
+
+
+def generation_error(message: str, kind: str | None, engine_alive: bool) -> APIError:
+    """The HTTP error for a sequence that ended with an error: the request's fault is a 400, a shutdown a 503."""
+    if kind == "request":
+        return APIError(400, message, code="invalid_value")
+    if kind == "shutdown" or not engine_alive:
+        return APIError(503, message, code="shutting_down" if kind == "shutdown" else "engine_closed")
+    return APIError(500, message, type="server_error")
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -113,9 +123,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         async with _watching(request, submission):
             async for index, delta in submission.events():
                 choices[index].add(delta)
-        failed = next((c.error for c in choices if c.finish == "error"), None)
-        if failed:
-            raise APIError(500 if engine.alive else 503, failed, type="server_error")
+        failed = next((c for c in choices if c.finish == "error"), None)
+        if failed is not None:
+            raise generation_error(failed.error or "generation failed", failed.error_kind, engine.alive)
         return choices
 
     def streaming(events: AsyncIterator[str], submission: Submission) -> StreamingResponse:
@@ -141,7 +151,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         completion_tokens = 0
         async for index, delta in submission.events():
             if delta.error:
-                yield sse(error_body(delta.error, "server_error"))
+                error = generation_error(delta.error, delta.error_kind, engine.alive)
+                yield sse(error_body(error.message, error.type, code=error.code))
                 continue
             if delta.text or delta.logprobs or finish_reason(delta):
                 yield sse(make(index, delta))
@@ -154,6 +165,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
     async def health() -> dict[str, Any]:
         if not engine.alive:
             raise APIError(503, "the generation engine is not running", code="engine_closed")
+        if engine.draining:  # load balancers stop sending work here while running requests finish
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         return {"status": "ok", "model": model_name, **engine.stats()}
 
     @app.get("/v1/models", response_model=ModelList, summary="The served model")

@@ -30,6 +30,22 @@ END_OF_TURN_TEXTS = frozenset({
 })
 
 
+def encodable(text: str) -> str:
+    """``text`` with every lone UTF-16 surrogate replaced by U+FFFD, so that it has a UTF-8 encoding.
+
+    JSON lets a client send ``"\\ud800"`` alone, and Python keeps it in the string, but no UTF-8 text can hold
+    it. Every tokenizer does what tiktoken (Meta's) already does: surrogate pairs are joined, and a lone
+    surrogate becomes the replacement character, as any UTF-8 decoder would render it.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def check_dialog(dialog: Dialog) -> None:
     """Raise ``TokenizerError`` unless ``dialog`` is a non-empty list of {"role": known role, "content": str}."""
     if isinstance(dialog, (str, bytes, Mapping)) or not isinstance(dialog, Sequence):

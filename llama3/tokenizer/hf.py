@@ -27,6 +27,7 @@ from .base import (
     Tokenizer,
     check_dialog,
     continues_last_message,
+    encodable,
 )
 from .chat_template import RenderedChat, default_chat_template, render_chat
 
@@ -128,6 +129,7 @@ class HFTokenizer(Tokenizer):
         ``plain``: user text (SentencePiece prefix rule) rather than a rendered chat (transformers' rule)."""
         if not text:
             return []
+        text = encodable(text)  # the one way into the Rust tokenizer, which refuses lone surrogates
         if self._sp_prefix and plain and at_start and self._starts_unprefixed.match(text):
             text = " " + text
         with self._lock:

@@ -16,7 +16,16 @@ from pathlib import Path
 import tiktoken
 
 from ..errors import TokenizerError
-from .base import Dialog, Message, SpecialCollection, SpecialSet, Tokenizer, check_dialog, continues_last_message
+from .base import (
+    Dialog,
+    Message,
+    SpecialCollection,
+    SpecialSet,
+    Tokenizer,
+    check_dialog,
+    continues_last_message,
+    encodable,
+)
 
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -124,6 +133,7 @@ class Llama3Tokenizer(Tokenizer):
     ) -> list[int]:
         if type(s) is not str:
             raise TokenizerError(f"encode() needs a str, got {type(s).__name__}")
+        s = encodable(s)  # before chunking, so a surrogate pair split by a chunk boundary is still joined
         ids: list[int] = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
