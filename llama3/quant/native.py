@@ -1,9 +1,11 @@
-"""Just-in-time build and loading of the AVX2 kernels in ``kernels.cpp`` (``torch.ops.llama3_quant``).
+"""Just-in-time build and loading of the AVX2 kernels in ``kernels.cpp`` / ``decode.cpp`` (``torch.ops.llama3_quant``).
 
-The first call on a machine compiles the C++ file with the system compiler (about 15 s; cached afterwards
-under torch's extension directory, keyed by the source's hash). Where that is impossible (no compiler,
+The first call on a machine compiles the C++ files with the system compiler (about 15 s; cached afterwards
+under torch's extension directory, keyed by the sources' hash). Where that is impossible (no C++ compiler,
 not x86-64 Linux, no AVX2, or ``LLAMA3_QUANT_NATIVE=0``) ``available()`` is False and the quantized modules
-use their portable torch path instead, with one warning saying why.
+use their portable torch path instead, with one warning saying why. Anything else that stops the build (a
+kernel file missing from the install, a compile error) raises ``NativeBuildError``: that is a broken
+install, and silently running several times slower would hide it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -18,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import Llama3Error
+
 # kernels.h is not a source: ninja's dependency tracking rebuilds the objects when it changes.
 SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("decode.cpp")]
+HEADERS = [Path(__file__).with_name("kernels.h")]
 # Up to this many rows the fused block kernel beats dequantize + BLAS GEMM. Measured on the 2-core Zen 3
 # at SmolLM2's shapes (benchmarks/quant_kernels.py): single-threaded the two tie around 16-32 rows; with
 # 2 threads the GEMM path pays for two parallel regions (dequantize, then BLAS) and the fused kernel was
@@ -34,8 +40,15 @@ _lock = threading.Lock()
 _loaded: bool | None = None
 
 
+class NativeBuildError(Llama3Error):
+    """The CPU kernels should build here (a C++ compiler is present) but cannot: a broken install or toolchain."""
+
+
 def available() -> bool:
-    """Whether the native CPU kernels can be used in this process (builds them on the first call)."""
+    """Whether the native CPU kernels can be used in this process (builds them on the first call).
+
+    Raises ``NativeBuildError`` (and retries on the next call) when they should build but do not.
+    """
     global _loaded
     if _loaded is None:
         with _lock:
@@ -54,6 +67,20 @@ def _unsupported_reason() -> str | None:
     return None
 
 
+def _compiler() -> str | None:
+    """The C++ compiler command for torch's cpp_extension: $CXX if set, else c++, else g++; None if not on PATH."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        # $CXX may carry a wrapper ("ccache g++"): the first word is what must exist.
+        return cxx if shutil.which(cxx.split()[0]) else None
+    return next((name for name in ("c++", "g++") if shutil.which(name)), None)
+
+
+def _missing_files() -> list[Path]:
+    """The kernel sources and headers this install lacks (a wheel built without its package data)."""
+    return [path for path in (*SOURCES, *HEADERS) if not path.is_file()]
+
+
 def _load() -> bool:
     reason = _unsupported_reason()
     if reason is not None:
@@ -61,10 +88,29 @@ def _load() -> bool:
             return False
         warnings.warn(f"llama3.quant: {reason}; quantized layers use the slower portable path", stacklevel=3)
         return False
-    try:
-        from torch.utils.cpp_extension import load
+    # Checked before the compiler so that a broken install is reported even where it could not build anyway.
+    missing = _missing_files()
+    if missing:
+        raise NativeBuildError(
+            f"llama3.quant: missing kernel file(s) {', '.join(map(str, missing))}: this llama3 install is "
+            "incomplete (reinstall it; its wheel must ship llama3/quant/*.cpp and *.h). "
+            "LLAMA3_QUANT_NATIVE=0 runs without the kernels, several times slower."
+        )
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(
+            "llama3.quant: no C++ compiler found (g++/c++, or $CXX); quantized layers use the portable torch "
+            "path, several times slower. Install g++ to build the fast kernels.",
+            stacklevel=3,
+        )
+        return False
+    from torch.utils.cpp_extension import load
 
-        _log.info("llama3.quant: loading the CPU kernels (compiled on first use, about 15 s)")
+    _log.info("llama3.quant: loading the CPU kernels (compiled on first use, about 15 s)")
+    # torch runs $CXX, else c++: set it to the compiler found (g++ where there is no c++) for this build only.
+    saved_cxx = os.environ.get("CXX")
+    os.environ["CXX"] = compiler
+    try:
         load(
             name="llama3_quant",
             sources=[str(s) for s in SOURCES],
@@ -76,13 +122,18 @@ def _load() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # noqa: BLE001 -- no compiler, no ninja, read-only cache dir: all mean fall back
-        warnings.warn(
-            f"llama3.quant: could not build the CPU kernels ({type(exc).__name__}: {exc}); "
-            "quantized layers use the slower portable path",
-            stacklevel=3,
-        )
-        return False
+    except Exception as exc:  # noqa: BLE001 -- compile error, no ninja, read-only cache dir: all need fixing
+        # torch's message carries the compiler output; say what failed and how to run meanwhile.
+        raise NativeBuildError(
+            f"llama3.quant: building the CPU kernels with {compiler} failed "
+            "(LLAMA3_QUANT_NATIVE=0 runs without them, several times slower):\n"
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        if saved_cxx is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = saved_cxx
     _register_fake()
     return True
 
