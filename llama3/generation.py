@@ -148,7 +148,7 @@ class Llama:
     def build(
         ckpt_dir: str | Path | None = None,
         tokenizer_path: str | Path | None = None,
-        max_seq_len: int = 2048,
+        max_seq_len: int | None = None,
         max_batch_size: int = 4,
         model_parallel_size: int | None = None,
         seed: int = 1,
@@ -156,10 +156,13 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         quantize: str | None = "auto",
+        default_max_seq_len: int = 2048,
     ) -> Llama:
         """Load a checkpoint (Meta dir, Hugging Face dir or .gguf file; None = the default model) and tokenizer.
 
-        The tokenizer is found in the checkpoint when ``tokenizer_path`` is None.
+        The tokenizer is found in the checkpoint when ``tokenizer_path`` is None. ``max_seq_len`` None takes
+        ``default_max_seq_len`` or the model's context length, whichever is smaller; an explicit value beyond
+        the model's context is an error.
         """
         if model_parallel_size not in (None, 1):
             raise GenerationError(
@@ -176,6 +179,8 @@ class Llama:
                 f"tokenizer has {tokenizer.n_words} tokens but the model only {model.config.vocab_size}: "
                 "they do not belong together"
             )
+        if max_seq_len is None:
+            max_seq_len = min(default_max_seq_len, model.config.max_seq_len)
         llm = Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
         llm.load_seconds = time.perf_counter() - start
         return llm

@@ -15,8 +15,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face dir or a Meta dir (default: SmolLM2-135M-Instruct)")
     group.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
-    group.add_argument("--max-seq-len", "--ctx-size", dest="max_seq_len", type=int, default=max_seq_len,
-                       help="context length to allocate, prompt + output (default %(default)s, at most the model's)")
+    group.add_argument("--max-seq-len", "--ctx-size", dest="max_seq_len", type=int, default=None,
+                       help=f"context length to allocate, prompt + output (default: {max_seq_len} or the model's "
+                       "context length, whichever is smaller)")
+    parser.set_defaults(default_max_seq_len=max_seq_len)
     group.add_argument("--max-batch-size", type=int, default=max_batch_size, help=argparse.SUPPRESS if max_batch_size == 1 else "rows decoded together (default %(default)s)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -59,6 +61,7 @@ def build_llm(args: argparse.Namespace, *, announce: bool = True):
     llm = Llama.build(
         args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
         device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
+        default_max_seq_len=args.default_max_seq_len,
     )  # fmt: skip
     if announce and not getattr(args, "no_stats", False):
         name = args.model or "default model (SmolLM2-135M-Instruct)"

@@ -69,3 +69,22 @@ def test_unknown_command_is_a_usage_error():
     result = run("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_context_fits_a_model_with_a_short_one(tiny_reference, checkpoint_tools, tmp_path):
+    """--max-seq-len's default is 2048 or the model's context, whichever is smaller; only an explicit value
+    beyond the model's context is an error."""
+    import copy
+    import shutil
+
+    from llama3.assets import llama3_tokenizer_json
+
+    model = copy.deepcopy(tiny_reference)
+    model.config.max_position_embeddings = 512
+    directory = checkpoint_tools.save_hf_checkpoint(model, tmp_path / "short")
+    shutil.copy(llama3_tokenizer_json(), directory / "tokenizer.json")
+    fits = run("complete", "Hello", "--model", str(directory), "-n", "4", "-t", "0", "--no-stats")
+    assert fits.returncode == 0 and fits.stderr == "", fits.stderr
+    explicit = run("complete", "Hello", "--model", str(directory), "-n", "4", "--max-seq-len", "2048")
+    assert explicit.returncode != 0 and "context length 512" in explicit.stderr
+    assert len(explicit.stderr.strip().splitlines()) == 1

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         return 1
     settings = {"data": str(args.data), "model": args.model or "default (SmolLM2-135M-Instruct Q4_1)",
                 "batch_size": args.batch_size, "constrain": constrain, "repair": not args.no_repair,
-                "temperature": args.temperature, "top_p": args.top_p, "max_seq_len": args.max_seq_len,
+                "temperature": args.temperature, "top_p": args.top_p, "max_seq_len": model.llm.max_seq_len,
                 "limit": args.limit}
     report = build_report(evaluation, settings=settings, problems=loaded.problems)
     print(format_report(report), file=out)

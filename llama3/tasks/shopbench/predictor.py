@@ -85,7 +85,7 @@ class ShopBenchModel:
 
     @classmethod
     def load(cls, model_path: str | Path | None = None, *, tokenizer_path: str | Path | None = None,
-             max_seq_len: int = 2048, batch_size: int = 16, device: str | None = None, dtype: Any = None,
+             max_seq_len: int | None = None, batch_size: int = 16, device: str | None = None, dtype: Any = None,
              seed: int = 1, **kwargs: Any) -> ShopBenchModel:
         """Build the generator (the project's default model when ``model_path`` is None) and wrap it."""
         from ...generation import Llama  # imported here: parsing and scoring do not need the engine
