@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,9 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LLAMA3_API_KEY if set)")
-    server.add_argument("--max-queue", type=int, default=64,
-                        help="sequences that may wait for a free slot; beyond that requests get 429 "
-                        "(default %(default)s)")
+    server.add_argument("--max-queue", type=int, default=512,
+                        help="sequences that may wait for a free slot, beyond the --max-batch-size generating; "
+                        "past that, requests get 429 with Retry-After (default %(default)s, as OLLAMA_MAX_QUEUE)")
+    server.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, stop accepting requests and let running ones finish for this "
+                        "long; then end the rest with an error event (default %(default)s)")
     server.add_argument("--seed", type=int, default=None, help="seed source for requests that send no seed")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -58,18 +62,41 @@ def serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llama3.server")
-    if args.max_batch_size < 1 or args.max_queue < 0 or args.max_seq_len < 2 or not 0 <= args.port < 65536:
-        raise Llama3Error("--max-batch-size must be >= 1, --max-queue >= 0, --max-seq-len >= 2, --port in 0..65535")
+    if (args.max_batch_size < 1 or args.max_queue < 0 or (args.max_seq_len is not None and args.max_seq_len < 2)
+            or not 0 <= args.port < 65536 or not 0 <= args.shutdown_grace < math.inf):
+        raise Llama3Error("--max-batch-size must be >= 1, --max-queue >= 0, --max-seq-len >= 2, --port in 0..65535, "
+                          "--shutdown-grace a number of seconds >= 0")
     llm = build_llm(args, announce=False)
     path = Path(args.model).expanduser() if args.model else default_model_path()
     log.info("loaded %s in %.2f s on %s", path, llm.load_seconds or 0.0, llm.device)
-    engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+    engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=llm.max_seq_len,
                     max_queue=args.max_queue, seed=args.seed, threads=args.threads)
     name = args.model_name or (path.stem if path.is_file() else path.name)
     app = create_app(engine, model_name=name, api_key=args.api_key or None)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # uvicorn's own graceful timeout is the backstop: past the engine's deadline, the ended streams still
+    # need a moment to send their final events.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_grace + 5)
+    _draining_server(config, engine, args.shutdown_grace).run()
+
+
+def _draining_server(config, engine, grace_s: float):
+    """A uvicorn server whose first exit signal (SIGTERM, Ctrl-C) starts the engine's drain.
+
+    uvicorn then stops accepting connections and waits for the open ones; the engine lets running sequences
+    finish within the grace period and ends the rest with an error, so every stream gets a final event and
+    ``[DONE]`` instead of being cut. A second Ctrl-C still forces the exit (uvicorn's rule).
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.drain(grace_s)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def run(args: argparse.Namespace) -> int:
