@@ -21,6 +21,7 @@ from .. import __version__
 from ..engine import Delta, Engine, EngineClosedError, QueueFullError, Submission
 from ..errors import TokenizerError
 from .errors import APIError, APIKeyMiddleware, error_body, install_error_handlers
+from .openapi import install_openapi
 from .protocol import (
     LogprobFormatter,
     Plan,
@@ -103,6 +104,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app, api_key=bool(api_key))
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     created = now()

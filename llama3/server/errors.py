@@ -55,7 +55,7 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
             path += f"[{part}]"
         elif not path:
             path = str(part)
-        elif str(part).startswith(("function-", "list[", "str", "int", "dict[")):
+        elif str(part).startswith(("function-", "list[", "str", "int", "dict[", "constrained-")):
             continue  # pydantic's names for union members, not fields
         else:
             path += f".{part}"

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -32,7 +34,8 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(description="system, user or assistant (developer is read as system)")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="who speaks (developer is read as system)")
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -72,7 +75,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, or token id lists")
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
+        description="text, texts, token ids, or token id lists")
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(None, description="number of top alternatives")
     suffix: str | None = None
