@@ -83,7 +83,7 @@ class Delta:
     """What one sequence produced since its previous Delta; the last one has ``finish_reason`` set.
 
     ``finish_reason`` is "stop" (stop token or string), "length", "cancelled" or "error" (then ``error`` says
-    why and ``error_kind`` whose fault it was: "request" for a ``Llama3Error`` the request's own values caused,
+    why and ``error_kind`` whose fault it was: "request" for a ``GenerationError`` the request's values caused,
     "shutdown" when the server stopped before the sequence finished, "server" for anything else).
     ``completion_tokens`` is the number of tokens generated so far (a final stop token not counted).
     """
@@ -345,7 +345,7 @@ class Engine:
         """Run ``work``; on an error fail only the sequences involved and keep serving."""
         try:
             work()
-        except Llama3Error as exc:  # the request's own values (e.g. every token forbidden): its fault alone
+        except GenerationError as exc:  # the request's own values (e.g. every token forbidden): its fault alone
             self._fail(streams, str(exc), "request")
         except Exception as exc:  # noqa: BLE001 - the engine must survive any single failure
             log.exception("generation failed")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
-Text = Annotated[str, Field(min_length=1)]
+# Non-empty text, stated in the schema but checked by the server (protocol.completion_prompts): pydantic's own
+# length check copies the text into Rust, which refuses the lone surrogates the server reads as U+FFFD.
+Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
