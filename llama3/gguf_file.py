@@ -10,6 +10,11 @@ otherwise raw bytes of shape (..., bytes per row)).
 Format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic "GGUF", version (uint32),
 tensor count and key/value count (uint64); key/values; per tensor a name, ndims, dims (ggml order: fastest
 first), type and offset; then the tensor data, aligned to ``general.alignment`` (default 32).
+
+Like llama.cpp's gguf.cpp, the tensor directory must tile the data section: each tensor's offset, in directory
+order, is the sum of the previous tensors' sizes, each padded to the alignment. Together with a check that the
+file ends where the last tensor does (give or take its padding), this refuses overlapping tensors and tensors
+whose type no longer matches their size, which would otherwise load as garbage.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +33,13 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 _LIMIT = 1 << 34  # sanity bound on lengths read from the header: a corrupt file must not allocate terabytes
 _MAX_NESTING = 8  # arrays of arrays nest this deep at most (a corrupt file must not exhaust the stack)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MIN_ENTRY_BYTES = 8 + 4 + 8 + 4 + 8  # a tensor directory entry: name length, ndims, one dim, type, offset
 
 
 class GGUFFormatError(ValueError):
-    """The file is not a readable GGUF file (bad magic, unsupported version, truncated or corrupt)."""
+    """The file is not a readable GGUF file (bad magic, unsupported version, truncated or corrupt), or a header
+    value has the wrong type or range."""
 
 
 @dataclass(frozen=True)
@@ -66,24 +74,29 @@ class GGUFFile:
 
 
 class _Reader:
-    """Sequential reader over a buffer, raising GGUFFormatError past its end."""
+    """Sequential reader over a buffer, raising GGUFFormatError past its end; ``where`` (the key or directory
+    entry being read) ends every error message."""
 
     def __init__(self, buf: bytes | memoryview | mmap.mmap, endian: str) -> None:
         self.buf, self.e, self.pos = buf, endian, 0
+        self.where = "at the start of the file"
+
+    def fail(self, problem: str) -> GGUFFormatError:
+        return GGUFFormatError(f"{problem}, {self.where}")
 
     def take(self, fmt: str) -> Any:
         st = struct.Struct(self.e + fmt)
         try:
             (value,) = st.unpack_from(self.buf, self.pos)
         except struct.error:
-            raise GGUFFormatError("the header is truncated") from None
+            raise self.fail("the header is truncated") from None
         self.pos += st.size
         return value
 
     def string(self) -> str:
         n = self.take("Q")
         if n > _LIMIT or self.pos + n > len(self.buf):
-            raise GGUFFormatError(f"the header is corrupt or truncated (a string of {n} bytes)")
+            raise self.fail(f"the header is corrupt or truncated: a string of {n} bytes")
         text = str(self.buf[self.pos : self.pos + n], "utf-8", "replace")
         self.pos += n
         return text
@@ -95,29 +108,32 @@ class _Reader:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype]), None
         if vtype != _ARRAY:
-            raise GGUFFormatError(f"the header is corrupt (value type {vtype})")
+            raise self.fail(f"the header is corrupt: value type {vtype}")
         etype, count = self.take("I"), self.take("Q")
-        if count > _LIMIT:
-            raise GGUFFormatError(f"the header is corrupt (an array of {count} items)")
+        # Every item takes some bytes (a string its length field, an array its type and count): a count that
+        # cannot fit in the rest of the file is refused before any loop over it.
+        item_bytes = 8 if etype == _STRING else 12 if etype == _ARRAY else struct.calcsize(_SCALARS.get(etype, "B"))
+        if count * item_bytes > len(self.buf) - self.pos:
+            raise self.fail(f"the header is corrupt or truncated: an array of {count} items")
         if etype == _STRING:
             if keep:
                 return [self.string() for _ in range(count)], count
             for _ in range(count):  # skip without decoding
                 length = self.take("Q")
                 if length > _LIMIT or self.pos + length > len(self.buf):
-                    raise GGUFFormatError(f"the header is corrupt or truncated (a string of {length} bytes)")
+                    raise self.fail(f"the header is corrupt or truncated: a string of {length} bytes")
                 self.pos += length
             return None, count
         if etype in _SCALARS:
             dtype = np.dtype(self.e + _SCALARS[etype].replace("?", "b"))
             end = self.pos + dtype.itemsize * count
             if end > len(self.buf):
-                raise GGUFFormatError("the header is truncated")
+                raise self.fail("the header is truncated")
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy() if keep else None
             self.pos = end
             return arr, count
         if depth >= _MAX_NESTING:
-            raise GGUFFormatError("the header is corrupt (arrays nested too deep)")
+            raise self.fail("the header is corrupt: arrays nested too deep")
         return [self.value(etype, keep, depth + 1)[0] for _ in range(count)], count
 
 
@@ -148,8 +164,10 @@ def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: T
         out = GGUFFile(path, version)
         alignment = 32
         seen: set[str] = set()
-        for _ in range(n_kv):
+        for index in range(n_kv):
+            reader.where = f"in key/value {index}"
             key = reader.string()
+            reader.where = f"in key {key!r}"
             if key in seen:
                 raise GGUFFormatError(f"the header is corrupt (key {key!r} appears twice)")
             seen.add(key)
@@ -170,25 +188,45 @@ def read_gguf_file(path: str | Path, keep: Callable[[str], bool] = lambda key: T
             # Tensor data would need byte-swapping (quantized blocks field by field); llama.cpp writes
             # little-endian files, and big-endian ones are rare enough to refuse rather than misread.
             raise GGUFFormatError("big-endian GGUF files are not supported")
+        if n_tensors * _MIN_ENTRY_BYTES > size - reader.pos:
+            raise GGUFFormatError(f"the header is corrupt or truncated ({n_tensors} tensors cannot fit)")
         directory = []
-        for _ in range(n_tensors):
+        names: set[str] = set()
+        for index in range(n_tensors):
+            reader.where = f"in tensor directory entry {index}"
             name = reader.string()
+            if name in names:
+                raise GGUFFormatError(f"the header is corrupt (tensor name {name!r} appears twice)")
+            names.add(name)
+            reader.where = f"in the directory entry of tensor {name!r}"
             n_dims = reader.take("I")
-            if n_dims > 8:
+            if not 1 <= n_dims <= _MAX_DIMS:
                 raise GGUFFormatError(f"the header is corrupt (tensor {name!r} with {n_dims} dimensions)")
             dims = [reader.take("Q") for _ in range(n_dims)]
             directory.append((name, dims, reader.take("I"), reader.take("Q")))
-        if len({entry[0] for entry in directory}) != len(directory):
-            raise GGUFFormatError("the header is corrupt (a tensor name appears twice)")
         start = -(-reader.pos // alignment) * alignment
+        expected = 0  # where the next tensor must start: the previous ones tile the data section
         for name, dims, ggml_type, offset in directory:
-            if offset % alignment:
-                raise GGUFFormatError(f"tensor {name!r} is not aligned to {alignment} bytes")
             n_bytes = _tensor_bytes(name, dims, ggml_type)
+            if offset != expected:
+                after = f" after tensor {out.tensors[-1].name!r}" if out.tensors else ""
+                raise GGUFFormatError(
+                    f"tensor {name!r} has offset {offset}, expected {expected}{after} "
+                    "(overlapping or mis-sized tensors: the file is corrupt)"
+                )
             if start + offset + n_bytes > size:
                 raise GGUFFormatError(f"tensor {name!r} runs past the end of the file (truncated)")
             shape = tuple(int(d) for d in reversed(dims))
             out.tensors.append(TensorInfo(name, ggml_type, shape, start + offset, n_bytes))
+            expected = offset + -(-n_bytes // alignment) * alignment
+        if directory and size > start + expected:
+            # Writers pad the last tensor or not; more than its padding means its size (type or shape) is wrong.
+            last = out.tensors[-1]
+            end = last.offset + last.n_bytes
+            raise GGUFFormatError(
+                f"the file has {size - end} bytes after its last tensor {last.name!r}, at most "
+                f"{start + expected - end} expected (a mis-sized tensor: the file is corrupt)"
+            )
         return out
     finally:
         try:
@@ -204,9 +242,93 @@ def _tensor_bytes(name: str, dims: list[int], ggml_type: int) -> int:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
         raise GGUFFormatError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+    if min(dims) < 1:
+        raise GGUFFormatError(f"tensor {name!r} has a dimension of 0 (shape {dims})")
     count = math.prod(dims)  # Python ints: a corrupt header cannot wrap the count around
     if count > _LIMIT or any(d > _LIMIT for d in dims):
         raise GGUFFormatError(f"tensor {name!r} has an impossible shape {dims}")
-    if not dims or dims[0] % block:
+    if dims[0] % block:
         raise GGUFFormatError(f"tensor {name!r} of shape {dims} does not fill whole {block}-value blocks")
     return count // block * type_size
+
+
+# --- typed access to header values -----------------------------------------------------------------
+# A damaged file can hold any GGUF type under any key. Readers take every value through these getters, so no
+# NaN, bool, string or array reaches int()/float() or the model's arithmetic, and the error names the key.
+
+
+def describe(value: Any) -> str:
+    """``value`` as error messages show it: its type, then the value ("float inf", "an array of 3 items")."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {len(value)} {value.dtype} values"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def get_int(
+    metadata: Mapping[str, Any], key: str, default: int | None = None, *, lo: int | None = 0, hi: int | None = None
+) -> int | None:
+    """``metadata[key]``, an integer in [lo, hi] (a GGUF integer type: not a bool nor a float; None: unbounded),
+    or ``default``."""
+    value = metadata.get(key)
+    if value is None:
+        return default
+    if type(value) is not int or (lo is not None and value < lo) or (hi is not None and value > hi):
+        if hi is None:
+            bounds = "" if lo is None else f" >= {lo}"
+        else:
+            bounds = f" <= {hi}" if lo is None else f" in [{lo}, {hi}]"
+        raise GGUFFormatError(f"{key} must be an integer{bounds}, got {describe(value)}")
+    return value
+
+
+def get_float(metadata: Mapping[str, Any], key: str, default: float | None = None) -> float | None:
+    """``metadata[key]``, a finite number > 0 (the float fields models have: epsilons, frequencies), or ``default``."""
+    value = metadata.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
+        raise GGUFFormatError(f"{key} must be a finite number > 0, got {describe(value)}")
+    return float(value)
+
+
+def get_str(metadata: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    """``metadata[key]``, a string, or ``default``."""
+    value = metadata.get(key)
+    if value is None:
+        return default
+    if type(value) is not str:
+        raise GGUFFormatError(f"{key} must be a string, got {describe(value)}")
+    return value
+
+
+def get_bool(metadata: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``metadata[key]``, a bool, or ``default``."""
+    value = metadata.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise GGUFFormatError(f"{key} must be a bool, got {describe(value)}")
+    return value
+
+
+def get_strings(metadata: Mapping[str, Any], key: str) -> list[str] | None:
+    """``metadata[key]``, an array of strings, or None."""
+    value = metadata.get(key)
+    if value is not None and not (type(value) is list and all(type(v) is str for v in value)):
+        raise GGUFFormatError(f"{key} must be an array of strings, got {describe(value)}")
+    return value
+
+
+def get_numbers(metadata: Mapping[str, Any], key: str, length: int, *, integers: bool) -> np.ndarray | None:
+    """``metadata[key]``, an array of ``length`` numbers (``integers``: of an integer type), or None."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    kinds = "iu" if integers else "iuf"
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in kinds or len(value) != length:
+        what = "integers" if integers else "numbers"
+        raise GGUFFormatError(f"{key} must be an array of {length} {what}, got {describe(value)}")
+    return value

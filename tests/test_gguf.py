@@ -1,21 +1,28 @@
 """GGUF reading: every supported encoding against transformers' own GGUF loader, the real SmolLM2 file,
-and each kind of damaged or unsupported file."""
+and each kind of damaged or unsupported file (header values of the wrong type or range, a tensor directory
+that does not tile the data section, damaged vocabulary strings); tests/test_gguf_fuzz.py damages at random."""
 
 from __future__ import annotations
 
+import math
+import re
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf_utils import write_gguf
+from gguf import GGUFValueType as V
+from gguf_utils import GGUFParts, compose, gguf_string, take_apart, tiny_vocabulary, write_gguf, write_tiny_gguf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama3
 from llama3.assets import default_model_path
-from llama3.errors import CheckpointError
+from llama3.errors import CheckpointError, TokenizerError
+from llama3.gguf_file import read_gguf_file
+from llama3.tokenizer import load_tokenizer
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
@@ -202,3 +209,188 @@ def test_directory_with_one_gguf(tiny_hf, tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no recognised checkpoint"):
         llama3.load_model(tmp_path)
+
+
+# --- damaged header values, tensor directories and vocabularies: errors naming the file and the field -----
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory) -> GGUFParts:
+    """A small Q8_0 llama GGUF with a real BPE tokenizer (2 layers, 4 heads, 2 KV heads, dim 64), in pieces."""
+    return take_apart(write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+
+
+def _write(tmp_path: Path, parts: GGUFParts | bytes) -> Path:
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(parts if isinstance(parts, bytes) else compose(parts))
+    return path
+
+
+def _fails(error: type[Exception], load, path: Path, message: str) -> None:
+    with pytest.raises(error, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+        load(path)
+
+
+def test_tiny_file_loads(tiny_parts, tmp_path):
+    path = _write(tmp_path, tiny_parts)
+    assert llama3.load_model(path, device="cpu").config.n_layers == 2
+    assert load_tokenizer(path).encode("the", bos=False, eos=False)
+
+
+@pytest.mark.parametrize(
+    "key, vtype, value, message",
+    [
+        ("llama.attention.head_count", V.UINT32, 0, "must be an integer in [1, 1048576], got int 0"),
+        ("llama.embedding_length", V.FLOAT32, math.nan, "must be an integer in [1, 1048576], got float nan"),
+        ("llama.block_count", V.FLOAT32, math.inf, "must be an integer in [1, 4294967295], got float inf"),
+        ("llama.block_count", V.BOOL, True, "must be an integer in [1, 4294967295], got bool True"),
+        ("llama.context_length", V.INT32, -1, "must be an integer in [1, 16777216], got int -1"),
+        ("llama.context_length", V.UINT64, 2**63, "must be an integer in [1, 16777216], got int 9223372036854775808"),
+        ("llama.vocab_size", V.STRING, "268", "must be an integer in [1, 2147483647], got str '268'"),
+        ("llama.attention.head_count_kv", V.UINT32, 3, "(3) must divide llama.attention.head_count (4)"),
+        ("llama.attention.head_count_kv", V.UINT32, 8, "must be an integer in [1, 4], got int 8"),
+        ("llama.attention.key_length", V.UINT32, 7, "must be even (rotary embeddings rotate pairs), got 7"),
+        ("llama.attention.layer_norm_rms_epsilon", V.FLOAT32, 0.0, "must be a finite number > 0, got float 0.0"),
+        ("llama.rope.freq_base", V.FLOAT64, -math.inf, "must be a finite number > 0, got float -inf"),
+        ("llama.rope.freq_base", V.ARRAY, (V.FLOAT32, [1.0]), "must be a finite number > 0, got an array of 1 float32 values"),
+        ("general.architecture", V.ARRAY, (V.STRING, ["llama"]), "must be a string, got an array of 1 items"),
+    ],
+    ids=["heads-0", "dim-nan", "layers-inf", "layers-bool", "context-neg", "context-huge", "vocab-str", "kv-divides",
+         "kv-more", "head-dim-odd", "eps-0", "theta-inf", "theta-array", "arch-array"],
+)  # fmt: skip
+def test_bad_header_value(tiny_parts, tmp_path, key, vtype, value, message):
+    path = _write(tmp_path, tiny_parts.with_key(key, vtype, value))
+    _fails(CheckpointError, llama3.load_model, path, f"{key} {message}")
+
+
+@pytest.mark.parametrize("count", [3, 100_000, 2**32 - 1])
+def test_layer_count_is_checked_before_building(tiny_parts, tmp_path, count):
+    # Once took minutes and gigabytes: the strict check built a meta-device model with that many layers.
+    path = _write(tmp_path, tiny_parts.with_key("llama.block_count", V.UINT32, count))
+    start = time.monotonic()
+    message = f"the config has {count} layers, the checkpoint tensors for 2 (layers 0-1)"
+    _fails(CheckpointError, llama3.load_model, path, message)
+    assert time.monotonic() - start < 5
+
+
+def test_fewer_layers_than_tensors(tiny_parts, tmp_path):
+    path = _write(tmp_path, tiny_parts.with_key("llama.block_count", V.UINT32, 1))
+    _fails(CheckpointError, llama3.load_model, path,
+           "the config has 1 layers, the checkpoint tensors for 2 (layers 0-1); unexpected tensors: layers.1.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "key, vtype, value, message",
+    [
+        ("tokenizer.ggml.bos_token_id", V.FLOAT32, math.nan, "must be an integer, got float nan"),
+        ("tokenizer.ggml.eos_token_id", V.STRING, "1", "must be an integer, got str '1'"),
+        ("tokenizer.ggml.tokens", V.INT64, 5, "must be an array of strings, got int 5"),
+        ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, []), "is empty"),
+        ("tokenizer.ggml.merges", V.ARRAY, (V.INT32, [1, 2]), "must be an array of strings, got an array of 2 int32 values"),
+        ("tokenizer.ggml.token_type", V.ARRAY, (V.FLOAT32, [1.0] * 268),
+         "must be an array of 268 integers, got an array of 268 float32 values"),
+        ("tokenizer.ggml.token_type", V.ARRAY, (V.INT32, [1] * 5),
+         "must be an array of 268 integers, got an array of 5 int32 values"),
+        ("tokenizer.ggml.add_bos_token", V.UINT8, 1, "must be a bool, got int 1"),
+        ("tokenizer.ggml.pre", V.BOOL, False, "must be a string, got bool False"),
+        ("tokenizer.chat_template", V.FLOAT32, 1.0, "must be a string, got float 1.0"),
+    ],
+    ids=["bos-nan", "eos-str", "tokens-int", "no-tokens", "merges-ints", "types-float", "types-short", "add-bos-int",
+         "pre-bool", "template-float"],
+)  # fmt: skip
+def test_bad_tokenizer_value(tiny_parts, tmp_path, key, vtype, value, message):
+    path = _write(tmp_path, tiny_parts.with_key(key, vtype, value))
+    _fails(TokenizerError, load_tokenizer, path, f"{key} {message}")
+
+
+def test_out_of_range_special_id_is_ignored(tiny_parts, tmp_path):
+    # As before: an id outside the vocabulary is not an error, the token is just not known.
+    path = _write(tmp_path, tiny_parts.with_key("tokenizer.ggml.bos_token_id", V.INT32, -1))
+    assert load_tokenizer(path).bos_id is None
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [(gguf_string(b"he"), gguf_string(b"h\xe5")), (gguf_string(b"h e"), gguf_string(b"h \xe5"))],
+    ids=["token", "merge"],
+)
+def test_flipped_vocabulary_byte(tiny_parts, tmp_path, old, new):
+    # The merge "h e" makes "he": with either string damaged, tokenizers' BPE raised a bare Exception.
+    path = _write(tmp_path, _replace_once(compose(tiny_parts), old, new))
+    _fails(TokenizerError, load_tokenizer, path, "tokenizer.ggml.merges does not fit tokenizer.ggml.tokens")
+
+
+def test_duplicate_vocabulary_string(tiny_parts, tmp_path):
+    # "z" flipped to "y": the string is in the vocabulary twice. Like llama.cpp's token map, the last id wins.
+    path = _write(tmp_path, _replace_once(compose(tiny_parts), gguf_string(b"z"), gguf_string(b"y")))
+    tok = load_tokenizer(path)
+    tokens = tiny_vocabulary()[0]
+    assert tok.encode("y", bos=False, eos=False) == [tokens.index("z")]
+    assert tok.decode(list(range(tok.n_words))).startswith("!")  # every id still decodes
+
+
+def test_zero_dimension(tiny_parts, tmp_path):
+    path = _write(tmp_path, tiny_parts.with_tensor("blk.0.attn_norm.weight", dims=(0,)))
+    _fails(CheckpointError, llama3.load_model, path, "tensor 'blk.0.attn_norm.weight' has a dimension of 0 (shape [0])")
+
+
+def test_overlapping_tensors(tiny_parts, tmp_path):
+    q = tiny_parts.entry("blk.0.attn_q.weight")
+    k = tiny_parts.entry("blk.0.attn_k.weight")
+    path = _write(tmp_path, tiny_parts.with_tensor("blk.0.attn_k.weight", offset=q.offset))
+    _fails(CheckpointError, llama3.load_model, path,
+           f"tensor 'blk.0.attn_k.weight' has offset {q.offset}, expected {k.offset} after tensor "
+           "'blk.0.attn_q.weight' (overlapping or mis-sized tensors: the file is corrupt)")  # fmt: skip
+
+
+def test_type_no_longer_matching_size(tiny_parts, tmp_path):
+    # Q8_0 -> Q4_0: the same shape in fewer bytes, so the next tensor no longer starts where this one ends.
+    k = tiny_parts.entry("blk.0.attn_k.weight")
+    path = _write(tmp_path, tiny_parts.with_tensor("blk.0.attn_q.weight", ggml_type=Q.Q4_0))
+    _fails(CheckpointError, llama3.load_model, path, f"tensor 'blk.0.attn_k.weight' has offset {k.offset}, expected")
+
+
+@pytest.mark.parametrize(
+    "qtype, message",
+    [(Q.F16, "bytes after its last tensor 'output_norm.weight'"),
+     (Q.F64, "tensor 'output_norm.weight' runs past the end of the file (truncated)")],
+    ids=["smaller", "larger"],
+)  # fmt: skip
+def test_last_tensor_type_flip(tiny_parts, tmp_path, qtype, message):
+    assert tiny_parts.tensors[-1].name == b"output_norm.weight"
+    path = _write(tmp_path, tiny_parts.with_tensor("output_norm.weight", ggml_type=qtype))
+    _fails(CheckpointError, llama3.load_model, path, message)
+
+
+def test_real_files_tile_their_data_section(tmp_path):
+    # The tiling and end-of-data checks accept what llama.cpp and gguf's writer produce, padded last tensor or not.
+    from gguf import GGUFWriter
+
+    odd = tmp_path / "odd.gguf"
+    writer = GGUFWriter(str(odd), "llama")
+    for i, n in enumerate((5, 7, 3)):  # sizes that need padding, the last one too
+        writer.add_tensor(f"t{i}", np.ones(n, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for path in (default_model_path(), odd):
+        info = read_gguf_file(path, tensors=True)
+        assert info.tensors and info.tensors[-1].offset + info.tensors[-1].n_bytes <= path.stat().st_size
+    unpadded = tmp_path / "unpadded.gguf"  # the same file without the last tensor's padding
+    unpadded.write_bytes(odd.read_bytes()[: read_gguf_file(odd).tensors[-1].offset + 12])
+    assert [t.shape for t in read_gguf_file(unpadded).tensors] == [(5,), (7,), (3,)]
+
+
+@pytest.mark.parametrize(
+    "rope_freqs, message",
+    [((np.zeros((1, 34), np.uint8), Q.Q8_0), "tensor rope_freqs.weight has type Q8_0, expected F32 or F16"),
+     (np.array([1.0] * 31 + [0.0], np.float32), "rope_freqs holds divisors that are not finite numbers > 0")],
+    ids=["quantized", "zero"],
+)  # fmt: skip
+def test_bad_rope_freqs(tiny_hf, tmp_path, rope_freqs, message):
+    path = write_gguf(tmp_path / "rope.gguf", tiny_hf, extra_tensors={"rope_freqs.weight": rope_freqs})
+    _fails(CheckpointError, llama3.load_model, path, message)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..gguf_file import GGUFFile, GGUFFormatError, read_gguf_file
+from ..gguf_file import GGUFFile, GGUFFormatError, get_float, get_int, get_str, read_gguf_file
 from .state import GGMLTensor, StateDict
 
 # Encodings we can read: float types directly, the rest through gguf's dequantizers (and llama3.quant kernels).
@@ -64,48 +63,71 @@ def open_gguf(path: Path) -> GGUFFile:
         raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({exc})") from None
 
 
-def metadata(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    """The decoded value of a metadata field (scalars, strings, arrays), or ``default``."""
-    return reader.metadata.get(key, default)
+# Bounds on header values, far above any real model: they keep the sizes a corrupt header can name (and their
+# products, on the meta device in check_state) well inside int64. Layer counts are bounded by the tensors present.
+_MAX_WIDTH = 1 << 20  # embedding, FFN and head widths, head counts
+_MAX_VOCAB = (1 << 31) - 1  # token ids are int32 in llama.cpp
+_MAX_CONTEXT = 1 << 24  # context_length (the largest models claim 10M); generation sizes its caches from it
 
 
-def gguf_config(reader, path: Path) -> ModelConfig:
-    """ModelConfig from ``llama.*`` metadata (and tensor shapes where metadata is silent)."""
-    arch = metadata(reader, "general.architecture")
+def gguf_config(reader: GGUFFile, path: Path) -> ModelConfig:
+    """ModelConfig from ``llama.*`` metadata (and tensor shapes where metadata is silent), every value type- and
+    range-checked: a corrupt header raises CheckpointError naming the key."""
+    try:
+        return _config(reader, path)
+    except GGUFFormatError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except ValueError as exc:  # ModelConfig's own consistency checks
+        raise CheckpointError(f"{path}: inconsistent GGUF metadata: {exc}") from None
+
+
+def _config(reader: GGUFFile, path: Path) -> ModelConfig:
+    meta = reader.metadata
+    arch = get_str(meta, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported architecture {arch!r} (only 'llama' models are supported)")
 
-    def need(key: str) -> Any:
-        value = metadata(reader, f"llama.{key}")
+    def need(key: str, hi: int) -> int:
+        value = get_int(meta, f"llama.{key}", lo=1, hi=hi)
         if value is None:
             raise CheckpointError(f"{path}: GGUF metadata lacks llama.{key}")
         return value
 
-    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = metadata(reader, "llama.vocab_size")
+    dim, n_heads = need("embedding_length", _MAX_WIDTH), need("attention.head_count", _MAX_WIDTH)
+    n_kv_heads = get_int(meta, "llama.attention.head_count_kv", n_heads, lo=1, hi=n_heads)
+    if n_heads % n_kv_heads:
+        raise CheckpointError(
+            f"{path}: llama.attention.head_count_kv ({n_kv_heads}) must divide llama.attention.head_count ({n_heads})"
+        )
+    vocab = get_int(meta, "llama.vocab_size", lo=1, hi=_MAX_VOCAB)
     if vocab is None:
         vocab = reader.array_lengths.get("tokenizer.ggml.tokens")
-    if vocab is None:
+    if not vocab:
         raise CheckpointError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size nor tokenizer tokens)")
-    head_dim = metadata(reader, "llama.attention.key_length") or metadata(reader, "llama.rope.dimension_count")
-    try:
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(need("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(metadata(reader, "llama.attention.head_count_kv", n_heads)),
-            vocab_size=int(vocab),
-            hidden_dim=int(need("feed_forward_length")),
-            norm_eps=float(metadata(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(metadata(reader, "llama.rope.freq_base", 10000.0)),
-            tie_embeddings="output.weight" not in tensor_names,
-            head_dim_override=int(head_dim) if head_dim and int(head_dim) != dim // n_heads else None,
-            max_seq_len=int(metadata(reader, "llama.context_length", 8192)),
-            extra={"name": metadata(reader, "general.name")},
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: inconsistent GGUF metadata: {exc}") from None
+    # The head size: key_length, else (older files) the rotary dimension count; 0 in either means "not stated".
+    head_dim = None
+    for key in ("llama.attention.key_length", "llama.rope.dimension_count"):
+        head_dim = get_int(meta, key, lo=0, hi=_MAX_WIDTH)
+        if head_dim is not None and head_dim % 2:
+            raise CheckpointError(f"{path}: {key} must be even (rotary embeddings rotate pairs), got {head_dim}")
+        if head_dim:
+            break
+    tensor_names = {t.name for t in reader.tensors}
+    name = get_str(meta, "general.name")
+    return ModelConfig(
+        dim=dim,
+        n_layers=need("block_count", 2**32 - 1),  # check_state compares it with the layers present
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab,
+        hidden_dim=need("feed_forward_length", _MAX_WIDTH),
+        norm_eps=get_float(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=get_float(meta, "llama.rope.freq_base", 10000.0),
+        tie_embeddings="output.weight" not in tensor_names,
+        head_dim_override=head_dim if head_dim and head_dim != dim // n_heads else None,
+        max_seq_len=get_int(meta, "llama.context_length", 8192, lo=1, hi=_MAX_CONTEXT),
+        extra={"name": name},
+    )
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
@@ -119,6 +141,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
     for t in reader.tensors:
         kind = GGMLQuantizationType(t.ggml_type).name
         if t.name == "rope_freqs.weight":  # Llama 3.1+ converts its rope scaling into per-pair divisors
+            if kind not in ("F32", "F16"):
+                raise CheckpointError(f"{path}: tensor rope_freqs.weight has type {kind}, expected F32 or F16")
             rope_freqs = torch.tensor(np.asarray(reader.tensor_data(t), dtype=np.float32)).flatten()
             continue
         name = canonical_name(t.name)
@@ -136,6 +160,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
         expected = config.head_dim // 2
         if rope_freqs.numel() != expected:
             raise CheckpointError(f"{path}: rope_freqs has {rope_freqs.numel()} entries, expected {expected}")
+        if not bool((rope_freqs.isfinite() & (rope_freqs > 0)).all()):
+            raise CheckpointError(f"{path}: rope_freqs holds divisors that are not finite numbers > 0")
         config = _with_freq_factors(config, rope_freqs)
     return config, state
 

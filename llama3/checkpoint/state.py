@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -53,17 +54,52 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_LAYER = re.compile(r"layers\.(\d{1,9})\.")  # (longer digit strings are not layers: unexpected tensors)
+
+
+def _names(names: list[str]) -> str:
+    return f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+
+
+def _spans(indices: set[int]) -> str:
+    """Sorted integers as ranges: {0, 1, 2, 5} -> "0-2, 5" (the first few ranges)."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = [str(a) if a == b else f"{a}-{b}" for a, b in spans[:6]]
+    return ", ".join(text) + (" ..." if len(spans) > 6 else "")
+
+
+def _check_layer_count(config: ModelConfig, state: StateDict, source: str) -> None:
+    """Refuse a config whose layer count is not the checkpoint's (layers 0..n_layers-1 all present), before
+    anything is built from it: a corrupt count (2**32-1) must not make ``expected_shapes`` build that many layers."""
+    found = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
+    if len(found) == config.n_layers and max(found, default=-1) == config.n_layers - 1:  # found is 0..n_layers-1
+        return
+    parts = [f"the config has {config.n_layers} layers, the checkpoint tensors for {len(found)}"
+             + (f" (layers {_spans(found)})" if found else "")]  # fmt: skip
+    unexpected = sorted(name for name in state if (m := _LAYER.match(name)) and int(m.group(1)) >= config.n_layers)
+    if unexpected:
+        parts.append(f"unexpected tensors: {_names(unexpected)}")
+    raise CheckpointError(f"{source}: checkpoint does not match its config ({'; '.join(parts)})")
+
+
 def check_state(config: ModelConfig, state: StateDict, source: str) -> None:
-    """Raise ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor."""
+    """Raise ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor (the layer count is
+    checked first, against the tensors alone)."""
+    _check_layer_count(config, state, source)
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            parts.append(f"missing tensors: {_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(f"unexpected tensors: {_names(unexpected)}")
         raise CheckpointError(f"{source}: checkpoint does not match its config ({'; '.join(parts)})")
     for name, shape in shapes.items():
         got = tuple(state[name].shape)

@@ -12,6 +12,10 @@ mmap) and build an equivalent ``tokenizers.Tokenizer``:
   file has none; "▁" word marks, byte fallback, a leading "▁" when ``add_space_prefix``.
 
 Control tokens (token type 3) become special tokens; user-defined ones (type 4) are matched whole.
+
+Every header value is read through ``gguf_file``'s typed getters, so a damaged file raises TokenizerError naming
+the key. A vocabulary string that appears twice (some published files have such duplicates; so does a file with
+a flipped byte) is encoded as its last id, as llama.cpp's token map does; the earlier id decodes to nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from ..errors import TokenizerError
-from ..gguf_file import GGUFFormatError, read_gguf_file
+from ..gguf_file import GGUFFormatError, get_bool, get_int, get_numbers, get_str, get_strings, read_gguf_file
 from .base import END_OF_TURN_TEXTS
 from .hf import HFTokenizer, byte_level_alphabet
 
@@ -73,9 +77,14 @@ def merges_from_scores(tokens: Sequence[str], scores: np.ndarray, types: np.ndar
     """SentencePiece BPE merges implied by a scored vocabulary: every split of a normal token into two
     vocabulary tokens, best-scoring result first (SentencePiece merges the highest-scoring pair)."""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
+    # Only cuts whose two sides have lengths of vocabulary tokens can be merges: one very long (e.g. damaged)
+    # token then costs a few slices, not a quadratic scan over all its cut points.
+    lengths = sorted({len(t) for t in vocab})
     ranked = []
     for token, i in vocab.items():
-        for k in range(1, len(token)):
+        for k in lengths:
+            if k >= len(token):
+                break
             left, right = token[:k], token[k:]
             if left in vocab and right in vocab:
                 ranked.append((-float(scores[i]), i, vocab[left], left, right))
@@ -105,60 +114,80 @@ def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, bool]:
 
 def _add_vocab_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str], types: np.ndarray,
                       keys: Sequence[str]) -> None:
-    """Control tokens -> special added tokens, user-defined -> plain added tokens (matched whole in text)."""
+    """Control tokens -> special added tokens, user-defined -> plain added tokens (matched whole in text).
+    Empty strings are left out: text cannot contain them, and an empty pattern would match everywhere."""
     control = [AddedToken(tokens[i], normalized=False, special=True) for i in np.flatnonzero(types == CONTROL)
-               if keys[i] == tokens[i]]
+               if keys[i] == tokens[i] and tokens[i]]
     user = [AddedToken(tokens[i], normalized=False, special=False) for i in np.flatnonzero(types == USER_DEFINED)
-            if keys[i] == tokens[i]]
+            if keys[i] == tokens[i] and tokens[i]]
     if control:
         backend.add_special_tokens(control)
     if user:
         backend.add_tokens(user)
 
 
+def _bpe(path: Path, keys: Sequence[str], merges: list[tuple[str, str]], **options: Any) -> models.BPE:
+    """The ``tokenizers`` BPE model; its bare Exception (a merge naming a string that is not in the vocabulary:
+    a damaged token or merge) becomes a TokenizerError."""
+    try:
+        return models.BPE(vocab={k: i for i, k in enumerate(keys)}, merges=merges, dropout=None, **options)
+    except Exception as exc:  # the Rust constructor raises plain Exception
+        raise TokenizerError(f"{path}: tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({exc})") from None
+
+
 def build_gguf_tokenizer(path: Path) -> HFTokenizer:
     """An ``HFTokenizer`` equivalent to the tokenizer described by the GGUF file at ``path``."""
     meta = read_gguf_metadata(path)
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    try:
+        return _build(meta, path)
+    except GGUFFormatError as exc:  # a header value of the wrong type or range
+        raise TokenizerError(f"{path}: {exc}") from None
+
+
+def _build(meta: dict[str, Any], path: Path) -> HFTokenizer:
+    kind = get_str(meta, "tokenizer.ggml.model")
+    tokens = get_strings(meta, "tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise TokenizerError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.model/tokens missing)")
+    if not tokens:
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens is empty")
     n = len(tokens)
-    types = meta.get("tokenizer.ggml.token_type")
-    types = np.full(n, NORMAL, dtype=np.int32) if types is None else np.asarray(types, dtype=np.int32)
-    if len(types) != n:
-        raise TokenizerError(f"{path}: {len(types)} token types for {n} tokens")
+    types = get_numbers(meta, "tokenizer.ggml.token_type", n, integers=True)
+    types = np.full(n, NORMAL, dtype=np.int32) if types is None else types.astype(np.int32)
+
+    def special(key: str) -> int | None:
+        """A special token's id: a non-integer is an error, an id outside the vocabulary is ignored."""
+        value = get_int(meta, f"tokenizer.ggml.{key}", lo=None)
+        return value if value is not None and 0 <= value < n else None
 
     if kind == "gpt2":
         alphabet = byte_level_alphabet()
         allowed = set(alphabet.values())
         # Tokens are stored in the byte-level spelling; the few that are not (added text) are respelled.
         keys = [t if set(t) <= allowed else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
-        merges = _merge_pairs(meta.get("tokenizer.ggml.merges") or [], path)
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        pre_tok, ignore_merges = _pre_tokenizer(pre, path)
-        model = models.BPE(vocab={k: i for i, k in enumerate(keys)}, merges=merges, dropout=None,
-                           continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                           ignore_merges=ignore_merges)
+        merges = _merge_pairs(get_strings(meta, "tokenizer.ggml.merges") or [], path)
+        pre_tok, ignore_merges = _pre_tokenizer(get_str(meta, "tokenizer.ggml.pre", "default"), path)
+        model = _bpe(path, keys, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                     ignore_merges=ignore_merges)
         backend = tokenizers.Tokenizer(model)
         backend.pre_tokenizer = pre_tok
         backend.decoder = decoders.ByteLevel()
         add_bos_default, byte_decoding, name = False, "byte_level", "gguf-gpt2"
     elif kind == "llama":
         keys = list(tokens)
-        if "tokenizer.ggml.merges" in meta:
-            merges = _merge_pairs(meta["tokenizer.ggml.merges"], path)
+        listed = get_strings(meta, "tokenizer.ggml.merges")
+        if listed is not None:
+            merges = _merge_pairs(listed, path)
         else:
-            scores = meta.get("tokenizer.ggml.scores")
+            scores = get_numbers(meta, "tokenizer.ggml.scores", n, integers=False)
             if scores is None:
                 raise TokenizerError(f"{path}: SentencePiece vocabulary has neither merges nor scores")
-            merges = merges_from_scores(tokens, np.asarray(scores), types)
-        unk = meta.get("tokenizer.ggml.unknown_token_id")
-        model = models.BPE(vocab={k: i for i, k in enumerate(keys)}, merges=merges, dropout=None,
-                           unk_token=tokens[unk] if unk is not None and 0 <= unk < n else None,
-                           fuse_unk=True, byte_fallback=True)
+            merges = merges_from_scores(tokens, scores, types)
+        unk = special("unknown_token_id")
+        model = _bpe(path, keys, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
+                     byte_fallback=True)
         backend = tokenizers.Tokenizer(model)
-        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        prefix = get_bool(meta, "tokenizer.ggml.add_space_prefix", True)
         backend.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -167,11 +196,6 @@ def build_gguf_tokenizer(path: Path) -> HFTokenizer:
     else:
         raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     _add_vocab_tokens(backend, tokens, types, keys)
-
-    def special(key: str) -> int | None:
-        value = meta.get(f"tokenizer.ggml.{key}")
-        return int(value) if value is not None and 0 <= int(value) < n else None
-
     bos_id, eos_id, pad_id, unk_id = special("bos_token_id"), special("eos_token_id"), special("padding_token_id"), special("unknown_token_id")
     if eos_id is None:
         eos_id = next((i for i, t in enumerate(tokens) if t in END_OF_TURN_TEXTS and types[i] == CONTROL), None)
@@ -183,17 +207,17 @@ def build_gguf_tokenizer(path: Path) -> HFTokenizer:
     template_vars = {name: tokens[i] for name, i in
                      (("bos_token", bos_id), ("eos_token", eos_id), ("unk_token", unk_id), ("pad_token", pad_id))
                      if i is not None}
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default)
+    add_bos = get_bool(meta, "tokenizer.ggml.add_bos_token", add_bos_default)
     return HFTokenizer(
         backend,
         name=name,
         bos_id=bos_id,
         eos_id=eos_id,
         pad_id=pad_id if pad_id is not None else -1,
-        add_bos=bool(add_bos),
+        add_bos=add_bos,
         stop_ids=[eot_id] if eot_id is not None else [],
         special_ids=special_ids,
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=get_str(meta, "tokenizer.chat_template"),
         template_vars=template_vars,
         byte_decoding=byte_decoding,
         n_words=n,
