@@ -177,23 +177,23 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 
 
 def time_decode(llm, workloads: Workloads) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds, generated ids) of the decode workload, stepping a ``DecodeBatch``:
+    """(prefill seconds, decode seconds, generated ids) of the decode workload, stepping the decoding core:
     the first step is the prompt's forward plus the first token, the later ones one token each."""
-    from .decoder import DecodeBatch
     from .sampling import SamplingParams
+    from .sequence import GenerationSpec
 
     params = SamplingParams(temperature=0, logit_bias={t: FORBID for t in workloads.forbidden})
-    batch = DecodeBatch(llm.model, [workloads.prompt], workloads.gen_tokens, params, llm.tokenizer.stop_tokens)
+    seq = llm.sequence(GenerationSpec(workloads.prompt, workloads.gen_tokens, params))
+    llm.scheduler.add(seq)
     start = time.perf_counter()
-    batch.step()
+    llm.scheduler.step()
     first = time.perf_counter()
-    while not batch.done:
-        batch.step()
+    while not seq.done:
+        llm.scheduler.step()
     end = time.perf_counter()
-    generated = batch.rows[0].generated
-    if len(generated) != workloads.gen_tokens:
-        raise Llama3Error(f"decode generated {len(generated)} tokens, expected {workloads.gen_tokens}")
-    return first - start, end - first, generated
+    if len(seq.generated) != workloads.gen_tokens:
+        raise Llama3Error(f"decode generated {len(seq.generated)} tokens, expected {workloads.gen_tokens}")
+    return first - start, end - first, seq.generated
 
 
 def time_batched(llm, workloads: Workloads) -> tuple[float, int]:
@@ -208,11 +208,55 @@ def time_batched(llm, workloads: Workloads) -> tuple[float, int]:
     return seconds, total
 
 
-def measure(llm, workloads: Workloads, repeat: int, warmup: int, log=None) -> dict[str, Any]:
-    """Run the workloads on a loaded ``Llama`` (built with max_batch_size 1) and return the figures."""
+def time_chat_turn(llm, history_tokens: int, repeat: int, seed: int = 0) -> dict[str, Any]:
+    """Time to the first token of the 8th turn of a chat with about ``history_tokens`` tokens of history: with
+    the 7th turn's prompt in the prefix cache (as after answering it), and cold. Runs in its own front end
+    (one 2048-position slot) over the same weights."""
+    from .generation import Llama
+    from .sampling import SamplingParams
+    from .sequence import GenerationSpec
+
+    tok = llm.tokenizer
+    for sentences in range(1, 64):  # the shortest seven turns that reach the history length
+        rng = random.Random(seed)
+        dialog: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
+        for _ in range(7):
+            dialog += [{"role": "user", "content": english_text(rng, 2) + " What happened next?"},
+                       {"role": "assistant", "content": english_text(rng, sentences)}]
+        if len(tok.encode_dialog_prompt(dialog, add_generation_prompt=False)) >= history_tokens:
+            break
+    previous = tok.encode_dialog_prompt(dialog[:-1])  # the 7th turn's prompt, as it was prefilled
+    turn = tok.encode_dialog_prompt([*dialog, {"role": "user", "content": "And then?"}])
+    greedy = SamplingParams(temperature=0)
+    context = min(2048, llm.model.config.max_seq_len)
+    if len(turn) >= context:
+        raise Llama3Error(f"the chat workload needs {len(turn) + 1} positions, the model has {context}")
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    reused = 0
+    for cache in (True, False):
+        chat = Llama(llm.model, tok, context, 1, prefix_cache=cache)
+        for _ in range(repeat + 1):  # the first run warms up
+            if cache:
+                chat.run([GenerationSpec(previous, 1, greedy)])
+            before = chat.scheduler.stats()["prefix_cache_tokens"]
+            start = time.perf_counter()
+            chat.run([GenerationSpec(turn, 1, greedy)])
+            timings[cache].append(time.perf_counter() - start)
+            reused = max(reused, chat.scheduler.stats()["prefix_cache_tokens"] - before)
+    llm.scheduler.claim()  # the chat front ends used the model's KV cache: take it back
+    warm, cold = summary(timings[True][1:]), summary(timings[False][1:])
+    return {"history_tokens": len(previous), "prompt_tokens": len(turn), "reused_tokens": reused,
+            "warm_s": warm, "cold_s": cold, "speedup": cold["median"] / warm["median"]}
+
+
+def measure(llm, workloads: Workloads, repeat: int, warmup: int, log=None, chat_history: int = 0) -> dict[str, Any]:
+    """Run the workloads on a loaded ``Llama`` (built with max_batch_size 1) and return the figures; with
+    ``chat_history``, also the chat-turn time to first token with the prefix cache on and off."""
     from .generation import Llama
 
     say = log or (lambda msg: None)
+    # Every timed workload runs cold, as the peers' do (llama.cpp is reset between runs): no prefix reuse.
+    llm.scheduler.prefix_cache = False
     prefill, decode, tokens = [], [], []
     for i in range(warmup + repeat):
         pre_s, dec_s, tokens = time_decode(llm, workloads)
@@ -228,7 +272,7 @@ def measure(llm, workloads: Workloads, repeat: int, warmup: int, log=None) -> di
     }
     if workloads.batch_prompts:
         # A second front end over the same weights: the batch needs a KV cache with a row per prompt.
-        batched_llm = Llama(llm.model, llm.tokenizer, llm.max_seq_len, len(workloads.batch_prompts))
+        batched_llm = Llama(llm.model, llm.tokenizer, llm.max_seq_len, len(workloads.batch_prompts), prefix_cache=False)
         rates = []
         for i in range(warmup + repeat):
             seconds, total = time_batched(batched_llm, workloads)
@@ -238,7 +282,13 @@ def measure(llm, workloads: Workloads, repeat: int, warmup: int, log=None) -> di
         result["batched_tok_s"] = summary(rates)
         result["batched_tokens"] = total
         llm.model.setup_cache(1, llm.max_seq_len)  # give the batch's cache back; llm stays usable
+        llm.scheduler = type(llm.scheduler)(llm.model, max_batch_size=1, max_seq_len=llm.max_seq_len,
+                                            prefix_cache=False)
     result["peak_rss_mb"] = peak_rss_mb()
+    if chat_history:
+        result["chat_ttft"] = chat = time_chat_turn(llm, chat_history, repeat)
+        say(f"  chat turn 8: first token {chat['warm_s']['median']:.3f} s with the history cached, "
+            f"{chat['cold_s']['median']:.3f} s cold")
     return result
 
 
@@ -255,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompts", default=None, help="read the workloads (token ids) from this JSON file instead, as benchmarks/compare.py writes it")
     group.add_argument("--repeat", type=int, default=3, help="timed runs of each workload; the median is reported (default %(default)s)")
     group.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
+    group.add_argument("--chat-history", type=int, default=1500,
+                       help="time to the first token of a chat's 8th turn with this many tokens of history, prefix "
+                       "cache on and off; 0 = skip it (default %(default)s)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
@@ -285,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or "default model (SmolLM2-135M-Instruct)"
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"llama3 bench: {model} on {llm.device}, {threads} threads, {args.warmup} warm-up + {args.repeat} runs")
-    figures = measure(llm, workloads, args.repeat, args.warmup, log)
+    figures = measure(llm, workloads, args.repeat, args.warmup, log, chat_history=args.chat_history)
     result = {
         "engine": "llama3",
         "model": str(args.model) if args.model else "default",
@@ -332,4 +385,11 @@ def format_report(result: dict[str, Any]) -> str:
     )
     if "batched_tok_s" in result:
         lines.append(f"               {result['peak_rss_mb']:9.1f} MiB with the batch's KV cache")
+    if "chat_ttft" in result:
+        c = result["chat_ttft"]
+        lines.append(
+            f"chat turn 8     {c['warm_s']['median']:8.3f} s to the first token with the prefix cache "
+            f"({c['reused_tokens']} of {c['prompt_tokens']} prompt tokens reused), {c['cold_s']['median']:.3f} s "
+            f"cold: {c['speedup']:.1f}x"
+        )
     return "\n".join(lines)

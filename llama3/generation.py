@@ -1,8 +1,10 @@
 """Meta's ``Llama`` front end (``build``, ``generate``, ``text_completion``, ``chat_completion``) on any device,
-for every checkpoint format, plus streaming, stop strings and the sampling knobs of llama.cpp and vLLM."""
+for every checkpoint format, plus streaming, stop strings, the sampling knobs of llama.cpp and vLLM, and ``run``
+for any number of sequences at once: a thin driver of the decoding core (``scheduler.Scheduler``)."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -12,14 +14,17 @@ import torch
 
 from .assets import default_model_path
 from .checkpoint import load_model
-from .decoder import DecodeBatch
 from .errors import GenerationError
 from .model import Transformer
 from .sampling import LogitsProcessor, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from .scheduler import Scheduler
+from .sequence import GenerationSpec, check_prompt
+from .sequence import Sequence as Generation
+from .tokenizer import Tokenizer, load_tokenizer
 
 Message = Mapping[str, str]
 Dialog = Sequence[Message]
+SEED_SPACE = 2**64  # torch generators take seeds in [0, 2**64)
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -34,72 +39,21 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: list[float]
 
 
-class StopStringWatch:
-    """Follows one row's text as tokens arrive and finds the first stop string in it.
-
-    ``releasable`` is the text that can be shown now: it holds back any tail that could still grow into a
-    stop string, so a stream never shows the beginning of one.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], skip_special: bool = False) -> None:
-        self.decoder = StreamDecoder(tokenizer, skip_special=skip_special)
-        self.stop = [s for s in stop if s]
-        self.text = ""
-        self.char_ends: list[int] = []  # len(text) after each token, to map a text cut back to tokens
-        self.cut: int | None = None  # offset where the first stop string starts
-
-    def push(self, token: int) -> bool:
-        """Add a token; True when a stop string has appeared."""
-        before = len(self.text)
-        self.text += self.decoder.push(token)
-        self.char_ends.append(len(self.text))
-        if self.stop:
-            window = max(len(s) for s in self.stop) - 1
-            start = max(0, before - window)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.cut = min(hits)
-                self.text = self.text[: self.cut]
-                return True
-        return False
-
-    def finish(self) -> None:
-        if self.cut is None:
-            self.text += self.decoder.flush()
-
-    def releasable(self, final: bool) -> str:
-        if final or self.cut is not None or not self.stop:
-            return self.text
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return self.text[: len(self.text) - hold]
-
-    def tokens_before_cut(self) -> int:
-        """How many tokens lie wholly before the stop string."""
-        if self.cut is None:
-            return len(self.char_ends)
-        return sum(1 for end in self.char_ends if end <= self.cut)
-
-
 class TextStream:
-    """Iterator of text increments for one generating row; ``finish_reason`` and ``generated_tokens`` are
-    filled in as it runs ("stop", "length", or None while running / when closed early)."""
+    """Iterator of text increments for one generating sequence; ``finish_reason`` and ``generated_tokens``
+    are filled in as it runs ("stop", "length", or None while running / when closed early)."""
 
-    def __init__(self, batch: DecodeBatch, watch: StopStringWatch) -> None:
-        self.batch, self.watch = batch, watch
+    def __init__(self, llm: Llama, seq: Generation) -> None:
+        self.llm, self.seq = llm, seq
         self._chunks = self._run()
 
     @property
     def finish_reason(self) -> str | None:
-        return self.batch.rows[0].finish_reason
+        return self.seq.finish_reason if self.seq.finish_reason in ("stop", "length") else None
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.batch.rows[0].generated)
+        return len(self.seq.generated)
 
     def __iter__(self) -> TextStream:
         return self
@@ -111,25 +65,30 @@ class TextStream:
         self._chunks.close()
 
     def _run(self) -> Iterator[str]:
-        shown = 0
-        while not self.batch.done:
-            token = self.batch.step()[0]
-            if token is not None and self.watch.push(token):
-                self.batch.finish(0, "stop")
-            text = self.watch.releasable(final=False)
-            if len(text) > shown:
-                yield text[shown:]
-                shown = len(text)
-        self.watch.finish()
-        if len(self.watch.text) > shown:
-            yield self.watch.text[shown:]
+        try:
+            while not self.seq.done:
+                self.llm.scheduler.step()
+                text, _ = self.seq.take_delta()
+                if text:
+                    yield text
+            self.llm._raise_if_failed([self.seq])
+            text, _ = self.seq.take_delta()
+            if text:
+                yield text
+        finally:  # closed early: the sequence leaves its slot at once
+            self.llm.scheduler.remove([self.seq])
 
 
 class Llama:
-    """A loaded model + tokenizer with Meta's generation API."""
+    """A loaded model + tokenizer with Meta's generation API, over one decoding core (``self.scheduler``).
+
+    ``prefix_cache``: a new prompt that starts with what a free KV-cache slot already holds (the previous turn
+    of a chat, a shared instruction) prefills only the rest, with the same numbers as a cold prefill.
+    """
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1
+        self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
+        *, prefix_cache: bool = True,
     ) -> None:
         if not 1 <= max_seq_len <= model.config.max_seq_len:
             raise GenerationError(
@@ -140,9 +99,11 @@ class Llama:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.device
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._seeds = random.Random(seed)  # per-sequence seeds of calls that pass none
         self.load_seconds: float | None = None
-        model.setup_cache(max_batch_size, max_seq_len)
+        self.stop_tokens = frozenset(tokenizer.stop_tokens)
+        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_seq_len=max(2, max_seq_len),
+                                   prefix_cache=prefix_cache)
 
     @staticmethod
     def build(
@@ -157,6 +118,7 @@ class Llama:
         dtype: torch.dtype | None = None,
         quantize: str | None = "auto",
         default_max_seq_len: int = 2048,
+        prefix_cache: bool = True,
     ) -> Llama:
         """Load a checkpoint (Meta dir, Hugging Face dir or .gguf file; None = the default model) and tokenizer.
 
@@ -181,88 +143,86 @@ class Llama:
             )
         if max_seq_len is None:
             max_seq_len = min(default_max_seq_len, model.config.max_seq_len)
-        llm = Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
+        llm = Llama(model, tokenizer, max_seq_len, max_batch_size, seed, prefix_cache=prefix_cache)
         llm.load_seconds = time.perf_counter() - start
         return llm
 
+    # -- the core ----------------------------------------------------------------------------------------
+
+    def sequence(self, spec: GenerationSpec, *, tag: object = None) -> Generation:
+        """A sequence for ``spec`` with its own generator: seeded by ``spec.params.seed``, else drawn from this
+        ``Llama``'s seed source (so a run is reproducible from ``Llama.build``'s ``seed``)."""
+        seed = spec.params.seed if spec.params.seed is not None else self._seeds.getrandbits(63)
+        generator = torch.Generator(self.device).manual_seed(seed % SEED_SPACE)
+        return Generation(spec, self.tokenizer, generator, self.stop_tokens, tag=tag)
+
+    def run(self, specs: Sequence[GenerationSpec], *, on_finish=None) -> list[Generation]:
+        """Generate every spec with continuous batching (any number: at most ``max_batch_size`` decode at once,
+        slots refilled as sequences finish); the finished sequences, in order. ``on_finish(seq)`` is called as
+        each one ends. A sequence failing raises ``GenerationError`` after the others are dropped."""
+        seqs = [self.sequence(spec, tag=i) for i, spec in enumerate(specs)]
+        for i, seq in enumerate(seqs):
+            self.scheduler.check(seq, f"prompt {i}" if len(seqs) > 1 else "the prompt")
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            left = len(seqs)
+            while left:
+                for seq in self.scheduler.step():
+                    if seq.done and seq.tag is not None and seqs[seq.tag] is seq:
+                        left -= 1
+                        self._raise_if_failed([seq])
+                        if on_finish is not None:
+                            on_finish(seq)
+        finally:
+            self.scheduler.remove(seqs)  # after an error or an interrupt, nothing of this call keeps running
+        return seqs
+
+    def _raise_if_failed(self, seqs: Sequence[Generation]) -> None:
+        for seq in seqs:
+            if seq.finish_reason == "error":
+                if seq.error_kind == "request":
+                    raise GenerationError(seq.error)
+                raise RuntimeError(seq.error)
+
     # -- token level -------------------------------------------------------------------------------------
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
-        if not prompt_tokens:
-            raise GenerationError("no prompts given")
-        if len(prompt_tokens) > self.max_batch_size:
-            raise GenerationError(
-                f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size={self.max_batch_size}"
-            )
-        vocab = self.model.config.vocab_size
-        for i, prompt in enumerate(prompt_tokens):
-            if len(prompt) == 0:
-                raise GenerationError(f"prompt {i} is empty")
-            if len(prompt) >= self.max_seq_len:
-                raise GenerationError(
-                    f"prompt {i} has {len(prompt)} tokens but the context is max_seq_len={self.max_seq_len} tokens; "
-                    "shorten the prompt or build with a larger max_seq_len"
-                )
-            if any(not 0 <= t < vocab for t in prompt):
-                raise GenerationError(f"prompt {i} contains token ids outside the vocabulary [0, {vocab})")
-
-    def _batch(
+    def _specs(
         self,
         prompt_tokens: Sequence[Sequence[int]],
         max_gen_len: int | None,
         sampling: dict[str, Any],
-        logprobs: bool,
-        echo: bool,
-        logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None,
-    ) -> DecodeBatch:
-        self._check_prompts(prompt_tokens)
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len - 1
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise GenerationError(f"invalid max_gen_len={max_gen_len!r}: must be an integer >= 1")
-        if logits_processors is not None and len(logits_processors) != len(prompt_tokens):
-            raise GenerationError("logits_processors needs one entry (a list or None) per prompt")
-        params = SamplingParams(**sampling)
-        generator = self.generator
-        if params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
-        return DecodeBatch(
-            self.model,
-            prompt_tokens,
-            max_gen_len,
-            params,
-            self.tokenizer.stop_tokens,
-            generator=generator,
-            processors=logits_processors,
-            logprobs=logprobs,
-            echo_logprobs=logprobs and echo,
-        )
-
-    def _run(
-        self,
-        prompt_tokens: Sequence[Sequence[int]],
-        max_gen_len: int | None,
-        temperature: float,
-        top_p: float,
         logprobs: bool,
         echo: bool,
         stop: Sequence[str] | str | None,
         logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None,
-        sampling: dict[str, Any],
-    ) -> tuple[DecodeBatch, list[StopStringWatch]]:
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        batch = self._batch(
-            prompt_tokens, max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
-            logprobs, echo, logits_processors,
-        )  # fmt: skip
-        watches = [StopStringWatch(self.tokenizer, stop) for _ in prompt_tokens]
-        while not batch.done:
-            for i, token in enumerate(batch.step()):
-                if token is not None and watches[i].push(token):
-                    batch.finish(i, "stop")
-        for watch in watches:
-            watch.finish()
-        return batch, watches
+        skip_special: bool = False,
+    ) -> list[GenerationSpec]:
+        """Meta's batch rules: at most ``max_batch_size`` prompts, each shorter than ``max_seq_len``; each row
+        generates up to ``max_gen_len`` tokens or what the context leaves. Seeded calls give row i seed + i."""
+        if not prompt_tokens:
+            raise GenerationError("no prompts given")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise GenerationError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size={self.max_batch_size}")
+        for i, prompt in enumerate(prompt_tokens):
+            check_prompt(prompt, self.max_seq_len, self.model.config.vocab_size, f"prompt {i}")
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
+            raise GenerationError(f"invalid max_gen_len={max_gen_len!r}: must be an integer >= 1")
+        if logits_processors is not None and len(logits_processors) != len(prompt_tokens):
+            raise GenerationError("logits_processors needs one entry (a list or None) per prompt")
+        params = SamplingParams(**sampling)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        specs = []
+        for i, prompt in enumerate(prompt_tokens):
+            row = params if params.seed is None else SamplingParams(**{**sampling, "seed": (params.seed + i) % SEED_SPACE})
+            specs.append(GenerationSpec(
+                prompt=list(prompt), max_tokens=min(max_gen_len, self.max_seq_len - len(prompt)), params=row,
+                stop=stops, logprobs=logprobs, processors=tuple((logits_processors or [None] * len(prompt_tokens))[i] or ()),
+                echo_logprobs=logprobs and echo, skip_special=skip_special,
+            ))  # fmt: skip
+        return specs
 
     def generate(
         self,
@@ -284,19 +244,24 @@ class Llama:
         Extra keywords: ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty``,
         ``frequency_penalty``, ``logit_bias``, ``seed``; ``stop`` strings also end a row (not returned).
         """
-        batch, watches = self._run(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop, logits_processors, sampling
-        )
+        seqs = self.run(self._specs(prompt_tokens, max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
+                                    logprobs, echo, stop, logits_processors))
         out_tokens, out_logprobs = [], []
-        for row, watch in zip(batch.rows, watches):
-            keep = watch.tokens_before_cut()
-            tokens, probs = row.generated[:keep], row.logprobs[:keep]
-            if echo:
-                tokens = row.prompt + tokens
-                probs = [0.0] + row.prompt_logprobs + probs if logprobs else probs
+        for seq in seqs:
+            tokens, probs = self._kept(seq, echo, logprobs)
             out_tokens.append(tokens)
             out_logprobs.append(probs)
         return out_tokens, (out_logprobs if logprobs else None)
+
+    @staticmethod
+    def _kept(seq: Generation, echo: bool, logprobs: bool) -> tuple[list[int], list[float]]:
+        """Meta's returned ids and logprobs of one row: before any stop string, prompt included with echo."""
+        tokens = seq.kept_tokens()
+        probs = [e.logprob for e in seq.entries[: len(tokens)]]
+        if echo:
+            tokens = list(seq.spec.prompt) + tokens
+            probs = [0.0] + seq.prompt_logprobs + probs if logprobs else probs
+        return tokens, probs
 
     # -- text level --------------------------------------------------------------------------------------
 
@@ -342,17 +307,11 @@ class Llama:
     def _texts(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, kwargs):
         stop = kwargs.pop("stop", None)
         processors = kwargs.pop("logits_processors", None)
-        batch, watches = self._run(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop, processors, kwargs
-        )
-        for row, watch in zip(batch.rows, watches):
-            keep = watch.tokens_before_cut()
-            tokens, probs = row.generated[:keep], row.logprobs[:keep]
-            text = watch.text
-            if echo:
-                text = self.tokenizer.decode(row.prompt) + text
-                tokens = row.prompt + tokens
-                probs = ([0.0] + row.prompt_logprobs + probs) if logprobs else probs
+        specs = self._specs(prompt_tokens, max_gen_len, dict(temperature=temperature, top_p=top_p, **kwargs),
+                            logprobs, echo, stop, processors)
+        for seq in self.run(specs):
+            tokens, probs = self._kept(seq, echo, logprobs)
+            text = (self.tokenizer.decode(list(seq.spec.prompt)) if echo else "") + seq.text
             yield text, tokens, probs
 
     def _prediction(self, text: str, tokens: list[int], probs: list[float], logprobs: bool) -> dict[str, Any]:
@@ -375,12 +334,11 @@ class Llama:
     ) -> TextStream:
         """Text increments for one prompt as tokens are generated (never half a UTF-8 character nor the
         beginning of a stop string). Stop iterating (or ``close()``) to stop generation early."""
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        batch = self._batch(
-            [prompt_tokens], max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling), False, False,
-            [logits_processors] if logits_processors else None,
-        )  # fmt: skip
-        return TextStream(batch, StopStringWatch(self.tokenizer, stop, skip_special=True))
+        (spec,) = self._specs([prompt_tokens], max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
+                              False, False, stop, [logits_processors] if logits_processors else None, skip_special=True)
+        seq = self.sequence(spec)
+        self.scheduler.add(seq)
+        return TextStream(self, seq)
 
     def stream_completion(self, prompt: str, **kwargs: Any) -> TextStream:
         """``stream`` for a text prompt (BOS added)."""

@@ -196,6 +196,9 @@ class Transformer(nn.Module):
         self.cache_len = 0
         # Installed by loaders whose weights have one (quantized CPU models); None runs the layers as written.
         self.decode_kernel: DecodeKernel | None = None
+        # The decoding front end whose sequences the KV cache holds (a scheduler's prefix cache trusts it only
+        # while it stays the owner); reset whenever the cache is reallocated.
+        self.kv_owner: object | None = None
 
     @property
     def device(self) -> torch.device:
@@ -209,6 +212,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
+        self.kv_owner = None
         if max_seq_len > self.rope.shape[0]:
             self.rope = rope_table(self.config, max_seq_len, device)
         self.cache_batch, self.cache_len = max_batch_size, max_seq_len
@@ -218,6 +222,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
         self.cache_batch = self.cache_len = 0
+        self.kv_owner = None
 
     def _attention_inputs(
         self, start_pos: int | torch.Tensor, positions: torch.Tensor, kv_len: int | None
@@ -243,7 +248,6 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor = 0,
         *,
         last_only: bool = False,
-        output_index: torch.Tensor | None = None,
         kv_len: int | None = None,
         cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -252,8 +256,7 @@ class Transformer(nn.Module):
         ``start_pos`` is an int (every row at the same position, Meta's case) or a LongTensor (B,) of per-row
         positions (continuous batching). With a KV cache, keys are attended up to ``kv_len`` cache slots
         (default: what the positions need when ``start_pos`` is an int, the whole cache otherwise).
-        ``last_only`` computes logits for the final position only, which is all decoding needs;
-        ``output_index`` (B,) does the same for a chosen position per row (right-padded prompts).
+        ``last_only`` computes logits for the final position only, which is all decoding needs.
         ``cache_rows`` (B,) maps batch rows to KV-cache rows (continuous batching: a new request is prefilled
         into a free slot while others are mid-generation); default: batch row i uses cache row i.
         """
@@ -290,8 +293,6 @@ class Transformer(nn.Module):
             rope, mask, kv_len = self._attention_inputs(start_pos, positions, kv_len)
             for layer in self.layers:
                 h = layer(h, rope, positions, mask, kv_len, cache_rows)
-        if output_index is not None:
-            h = h[torch.arange(bsz, device=device), output_index].unsqueeze(1)
-        elif last_only:
+        if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -98,10 +98,11 @@ def test_bench_command_writes_json(hf_llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "llama3", "bench", "--model", str(hf_llama_dir), "--prompt-tokens", "10",
            "--gen-tokens", "3", "--batch", "2", "--batch-min", "4", "--batch-max", "8", "--batch-gen-tokens", "2",
-           "--repeat", "1", "--warmup", "0", "--max-seq-len", "32", "--threads", "1", "--json", str(out)]  # fmt: skip
+           "--repeat", "1", "--warmup", "0", "--max-seq-len", "32", "--threads", "1", "--chat-history", "600",
+           "--json", str(out)]  # fmt: skip
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for label in ("load", "prefill", "decode", "batched", "peak RSS"):
+    for label in ("load", "prefill", "decode", "batched", "peak RSS", "chat turn 8"):
         assert label in done.stdout
     result = json.loads(out.read_text())
     assert result["engine"] == "llama3" and result["threads"] == 1
@@ -109,6 +110,8 @@ def test_bench_command_writes_json(hf_llama_dir, tmp_path):
     assert all(4 <= n <= 8 for n in result["workload"]["batch_prompt_tokens"])
     assert result["batched_tokens"] == 4 and result["load_s"] > 0
     assert 0 < result["baseline_rss_mb"] <= result["peak_rss_mb_single"] <= result["peak_rss_mb"]
+    chat = result["chat_ttft"]  # the 7th turn's whole prefill chunks are reused by the 8th
+    assert chat["history_tokens"] >= 600 and 256 <= chat["reused_tokens"] <= chat["history_tokens"]
 
 
 def test_bench_command_rejects_a_short_context(hf_llama_dir):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import llama3.engine as engine_module
+import llama3.scheduler as scheduler_module
 from llama3.assets import default_model_path
 from llama3.config import ModelConfig
 from llama3.engine import Engine, GenerationSpec, QueueFullError
@@ -141,8 +141,8 @@ def test_staggered_greedy_requests_match_cacheless_oracle(make_engine, oracle, t
     """Sequences join a running batch at different times, wait for slots (3 slots, 6 sequences), and leave it;
     each must decode exactly as if it ran alone without a cache. With small chunks, prompts are prefilled a few
     tokens per iteration between decode steps of the others."""
-    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", chunk)
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_PER_STEP", per_step)
+    monkeypatch.setattr(scheduler_module, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS_PER_STEP", per_step)
     engine = make_engine(max_batch_size=3)
     prompts = prompts_for(tokenizer, 6)
     budgets = [5, 20, 9, 14, 3, 11]

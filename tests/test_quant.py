@@ -28,11 +28,9 @@ from llama3.checkpoint.state import GGMLTensor
 from llama3.quant import (
     QuantEmbedding,
     QuantLinear,
-    QuantLinearCat,
     native,
     quantized_embedding,
     quantized_linear,
-    quantized_linear_cat,
     tied_output,
 )
 from llama3.quant.blocks import FORMATS, dequantize_rows
@@ -147,45 +145,6 @@ def test_both_native_strategies_and_slabs(qtype, fused_max_rows):
     x = torch.randn(9, cols, generator=torch.Generator().manual_seed(2))
     y = torch.ops.llama3_quant.qmatmul(x, blocks, int(qtype), cols, fused_max_rows, 16 * cols * 4)
     assert_linear_close(y, x, t, coded=fused_max_rows > 0)
-
-
-def concat(tensors: list[GGMLTensor]) -> GGMLTensor:
-    """The row-concatenation of same-type matrices, as one GGMLTensor (the oracle for QuantLinearCat)."""
-    data = np.concatenate([t.data for t in tensors], axis=0)
-    rows = sum(t.shape[0] for t in tensors)
-    return GGMLTensor(name="cat", ggml_type=tensors[0].ggml_type, shape=(rows, tensors[0].shape[1]), data=data)
-
-
-@needs_native
-@pytest.mark.parametrize("qtype", LINEAR_TYPES, ids=lambda q: T(q).name)
-@pytest.mark.parametrize("rows", [1, 5, native.FUSED_MAX_ROWS, native.FUSED_MAX_ROWS + 1, 40])
-def test_linear_cat_is_one_linear_over_concatenated_rows(qtype, rows, monkeypatch):
-    # A fused wq|wk|wv: parts of different heights; small slabs exercise the
-    # GEMM path's per-part slab loop.
-    cols = width(qtype, 64)
-    monkeypatch.setattr(native, "SLAB_BYTES", 8 * cols * 4)
-    tensors = [make_tensor(qtype, rows=n, cols=cols, seed=30 + n) for n in (24, 8, 8)]
-    module = quantized_linear_cat(tensors, torch.float32, "cpu")
-    assert isinstance(module, QuantLinearCat) and module.is_quantized
-    assert (module.in_features, module.out_features) == (cols, 40)
-    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
-    y = module(x)
-    assert_linear_close(y, x, concat(tensors))
-    separate = torch.cat([quantized_linear(t, torch.float32, "cpu")(x) for t in tensors], dim=-1)
-    assert torch.equal(y, separate)  # same kernel, same per-row arithmetic
-
-
-@needs_native
-def test_linear_cat_mixed_types_and_missing_kernels():
-    a, b = make_tensor(T.Q4_1, rows=16, cols=64, seed=40), make_tensor(T.Q8_0, rows=8, cols=64, seed=41)
-    mixed = quantized_linear_cat([a, b], torch.float32, "cpu")  # falls back to one call per part
-    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(9))
-    y = mixed(x)
-    assert y.shape == (2, 3, 24)
-    assert_linear_close(y[..., :16], x, a)
-    assert_linear_close(y[..., 16:], x, b)
-    assert quantized_linear_cat([a, make_tensor(T.Q5_1, rows=8, cols=64)], torch.float32, "cpu") is None
-    assert quantized_linear_cat([a, make_tensor(T.Q4_1, rows=8, cols=128)], torch.float32, "cpu") is None
 
 
 @needs_native

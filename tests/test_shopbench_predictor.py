@@ -1,7 +1,7 @@
-"""ShopBenchModel: routing, chat formatting, batching and constraints wired through the generate() contract.
+"""ShopBenchModel: routing, chat formatting, batching and constraints wired through the ``Llama.run`` contract.
 
 Fast tests drive the predictor with ``RandomLLM``: the real tokenizer and chat format, the same
-``generate`` contract as ``llama3.Llama`` (per-row logits processors, stop tokens, max_gen_len), but random
+``run`` contract as ``llama3.Llama`` (per-sequence logits processors, stop tokens, budgets), but random
 logits that favour letters, so only the constraints can make answers parseable. The slow tests use
 the real default model.
 """
@@ -9,6 +9,7 @@ the real default model.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,33 +24,35 @@ FORMATTED = ("multiple-choice", "ranking", "retrieval")
 
 
 class RandomLLM:
-    """Stands in for ``llama3.Llama``: same ``generate`` contract, random logits instead of a model."""
+    """Stands in for ``llama3.Llama``: the same ``run`` contract (specs in, finished sequences out, in order,
+    ``on_finish`` as each ends), random logits instead of a model."""
 
     def __init__(self, tokenizer, max_seq_len: int = 4096, max_batch_size: int = 16, seed: int = 0) -> None:
         self.tokenizer, self.max_seq_len, self.max_batch_size = tokenizer, max_seq_len, max_batch_size
         self.rng = torch.Generator().manual_seed(seed)
-        self.calls: list[tuple[int, int]] = []  # (batch size, max_gen_len)
+        self.calls: list[list[int]] = []  # the budgets (max_tokens) of each call's specs
         self.letters = sorted(set(tokenizer.encode("The answer is option number", bos=False, eos=False)))
 
-    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, logprobs=False, echo=False, *,
-                 logits_processors=None, **kwargs):
-        assert len(prompt_tokens) <= self.max_batch_size
-        assert all(len(p) + max_gen_len <= self.max_seq_len for p in prompt_tokens)
-        self.calls.append((len(prompt_tokens), max_gen_len))
+    def run(self, specs, *, on_finish=None):
+        assert all(len(s.prompt) + s.max_tokens <= self.max_seq_len for s in specs)
+        self.calls.append([s.max_tokens for s in specs])
         out = []
-        for row, procs in zip(prompt_tokens, logits_processors or [None] * len(prompt_tokens)):
+        for spec in specs:
             generated: list[int] = []
-            for _ in range(max_gen_len):
+            for _ in range(spec.max_tokens):
                 logits = torch.randn(self.tokenizer.n_words, generator=self.rng)
                 logits[self.letters] += 20.0  # a chatty model: constraints must override it
-                for p in procs or ():
+                for p in spec.processors:
                     logits = p(generated, logits)
                 t = int(torch.argmax(logits))
                 if t in self.tokenizer.stop_tokens:
                     break
                 generated.append(t)
-            out.append(generated)
-        return out, None
+            seq = SimpleNamespace(generated=generated, kept_tokens=lambda g=generated: list(g))
+            if on_finish is not None:
+                on_finish(seq)
+            out.append(seq)
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +88,8 @@ def test_constrained_answers_always_parse(smol_tokenizer):
         assert p.route.task_type == q.task_type  # input order restored after length sorting
         assert p.response == p.raw
         assert_well_formed(q, p.response)
-    assert [size for size, _ in llm.calls] == [16, 16, 16, 16, 7]  # 71 questions, full batches first
-    assert max(n for _, n in llm.calls if n <= 2) == 2  # MC: one digit and the stop token
+    assert len(llm.calls) == 1 and len(llm.calls[0]) == 71  # every question submitted at once
+    assert min(llm.calls[0]) == 2  # MC: one digit and the stop token, the budget of its own sequence
 
 
 @needs_dev
@@ -131,7 +134,7 @@ def test_seed_interface_and_truncation(smol_tokenizer):
     assert preds[0].truncated and preds[0].prompt_tokens == 64 - 2
     answers = model.batch_predict({"prompt": ["Pick.\n0. x\n1. y\nAnswer: "] * 5}, True)
     assert len(answers) == 5 and set(answers) <= {"0", "1"}
-    assert [size for size, _ in llm.calls][-2:] == [4, 1]
+    assert [len(budgets) for budgets in llm.calls][-2:] == [1, 5]
 
 
 # -- the real default model ------------------------------------------------------------------------
@@ -151,6 +154,22 @@ def test_real_model_constrained_answers_always_parse(default_llm):
                                                             [q.is_multiple_choice for q in questions])
     for q, p in zip(questions, preds):
         assert_well_formed(q, p.response)
+
+
+@pytest.mark.slow
+@needs_dev
+def test_continuous_batching_answers_as_one_question_at_a_time(default_llm):
+    """All questions at once through 16 slots (refilled as answers end) give exactly the answers of one
+    question at a time: prefill alone per sequence, batch-invariant quantized decode."""
+    from llama3.generation import Llama
+
+    questions = load_questions(DEV).questions[::4]
+    prompts, flags = [q.prompt for q in questions], [q.is_multiple_choice for q in questions]
+    together = ShopBenchModel(default_llm).run(prompts, flags)
+    single = Llama.build(max_seq_len=2048, max_batch_size=1, prefix_cache=False)
+    alone = [ShopBenchModel(single).run([p], [f])[0] for p, f in zip(prompts, flags)]
+    assert [p.raw for p in together] == [p.raw for p in alone]
+    assert default_llm.scheduler.stats()["prefix_cache_hits"] > 0  # the shared instructions were reused
 
 
 @pytest.mark.slow  # loads the default model and runs a slice of the dev set through the CLI

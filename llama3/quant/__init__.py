@@ -4,8 +4,6 @@
 
 * ``quantized_linear(t, dtype, device)``: a ``QuantLinear`` for Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices (AVX2 kernels on
   CPU, dequantize-on-the-fly elsewhere), or None for every other encoding (the loader then expands it).
-* ``quantized_linear_cat([t1, t2, ...], dtype, device)``: one module for several matrices sharing their
-  input (a fused wqkv or w1|w3), run as a single kernel call, or None.
 * ``quantized_embedding(t, dtype, device)``: a ``QuantEmbedding`` that decodes only the looked-up rows
   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or None.
 * ``tied_output(embedding)``: the output head of a tied-embedding model as a ``QuantLinear`` sharing the
@@ -25,7 +23,7 @@ import torch
 
 from . import native
 from .blocks import FORMATS, dequantize_rows
-from .modules import NATIVE_TYPES, QuantEmbedding, QuantLinear, QuantLinearCat
+from .modules import NATIVE_TYPES, QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from ..checkpoint.state import GGMLTensor
@@ -65,19 +63,6 @@ def quantized_linear(t: GGMLTensor, dtype: torch.dtype, device: torch.device | s
     return QuantLinear(blocks, t.ggml_type, in_features, out_features)
 
 
-def quantized_linear_cat(
-    tensors: list[GGMLTensor], dtype: torch.dtype, device: torch.device | str
-) -> QuantLinearCat | None:
-    """One module computing x @ cat([W_1, W_2, ...])^T (e.g. a fused wqkv from wq, wk, wv), or None.
-
-    None unless every matrix has a ``quantized_linear`` kernel; the loader then concatenates floats.
-    """
-    parts = [quantized_linear(t, dtype, device) for t in tensors]
-    if not parts or any(p is None for p in parts) or len({p.in_features for p in parts}) != 1:
-        return None
-    return QuantLinearCat(parts)
-
-
 def quantized_embedding(t: GGMLTensor, dtype: torch.dtype, device: torch.device | str) -> QuantEmbedding | None:
     """A ``QuantEmbedding`` returning rows of ``t`` (torch shape (vocab, dim)) in ``dtype``, or None."""
     blocks = _blocks(t, torch.device(device))
@@ -98,10 +83,8 @@ def tied_output(embedding: QuantEmbedding) -> QuantLinear | None:
 __all__ = [
     "QuantEmbedding",
     "QuantLinear",
-    "QuantLinearCat",
     "dequantize_rows",
     "quantized_embedding",
     "quantized_linear",
-    "quantized_linear_cat",
     "tied_output",
 ]

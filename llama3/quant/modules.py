@@ -83,33 +83,6 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {_type_name(self.ggml_type)}, {kind}"
 
 
-class QuantLinearCat(nn.Module):
-    """Several QuantLinear sharing their input, acting as one Linear whose weight is their row-concatenation.
-
-    ``forward(x)`` = ``torch.cat([p(x) for p in parts], -1)``. When all parts use the same native kernel
-    type, it runs as a single ``qmatmul_cat`` call: one pass, one coding of x, one parallel region instead
-    of one per matrix, which is what small decode-time matmuls (wq/wk/wv, w1/w3) are dominated by. The
-    parts keep their own (zero-copy) blocks: nothing is concatenated in memory.
-    """
-
-    is_quantized = True
-
-    def __init__(self, parts: list[QuantLinear]) -> None:
-        super().__init__()
-        if not parts or len({p.in_features for p in parts}) != 1:
-            raise ValueError("QuantLinearCat needs one or more QuantLinear with the same in_features")
-        self.parts = nn.ModuleList(parts)
-        self.in_features = parts[0].in_features
-        self.out_features = sum(p.out_features for p in parts)
-        self.sizes = [p.out_features for p in parts]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.parts[0]
-        if all(p.native and p.ggml_type == first.ggml_type for p in self.parts):
-            return native.qmatmul_cat(x, [p.blocks for p in self.parts], first.ggml_type, self.in_features)
-        return torch.cat([p(x) for p in self.parts], dim=-1)
-
-
 class QuantEmbedding(nn.Module):
     """Token embedding over ggml blocks: gathers the requested rows' blocks and decodes only those."""
 

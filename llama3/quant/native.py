@@ -145,10 +145,6 @@ def _register_fake() -> None:
     def _qmatmul(x, blocks, qtype, in_features, fused_max_rows, slab_bytes):
         return x.new_empty((*x.shape[:-1], blocks.shape[0]))
 
-    @torch.library.register_fake("llama3_quant::qmatmul_cat")
-    def _qmatmul_cat(x, blocks, qtype, in_features, fused_max_rows, slab_bytes):
-        return x.new_empty((*x.shape[:-1], sum(b.shape[0] for b in blocks)))
-
     @torch.library.register_fake("llama3_quant::decode_layers")
     def _decode_layers(h, weights, qtypes, k_cache, v_cache, rope, positions, rows, n_heads, eps):
         return torch.empty_like(h)
@@ -164,11 +160,6 @@ def qmatmul(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: 
     Computed in float32 whatever x's dtype (weights decoded exactly, float32 sums).
     """
     return torch.ops.llama3_quant.qmatmul.default(x, blocks, ggml_type, in_features, FUSED_MAX_ROWS, SLAB_BYTES)
-
-
-def qmatmul_cat(x: torch.Tensor, blocks: list[torch.Tensor], ggml_type: int, in_features: int) -> torch.Tensor:
-    """x @ [W_1; W_2; ...]^T for same-type matrices sharing x (e.g. wq, wk, wv): one call, one pass."""
-    return torch.ops.llama3_quant.qmatmul_cat.default(x, blocks, ggml_type, in_features, FUSED_MAX_ROWS, SLAB_BYTES)
 
 
 def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import TokenizerError
-from .base import ROLES, Dialog, Message, StreamDecoder, Tokenizer, check_dialog
+from .base import ROLES, Dialog, Message, Tokenizer, check_dialog
 from .chat_template import DEFAULT_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 from .hf import HFTokenizer
+from .streaming import StopStringWatch, StreamDecoder
 from .tiktoken_llama3 import ChatFormat, Llama3Tokenizer
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "LLAMA3_CHAT_TEMPLATE",
     "Llama3Tokenizer",
     "Message",
+    "StopStringWatch",
     "StreamDecoder",
     "Tokenizer",
     "check_dialog",

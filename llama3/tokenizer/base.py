@@ -1,15 +1,13 @@
-"""The one tokenizer interface every model family implements, dialog validation, and streaming decode.
+"""The one tokenizer interface every model family implements, and dialog validation.
 
-Generation, the CLI and the server only ever see ``Tokenizer`` and ``StreamDecoder``; which family sits
+Generation, the CLI and the server only ever see ``Tokenizer`` (and ``streaming``'s decoders); which family sits
 behind them (Meta's tiktoken file, a Hugging Face ``tokenizer.json``, a GGUF vocabulary) never matters.
 """
 
 from __future__ import annotations
 
 import abc
-import codecs
-import operator
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import AbstractSet, Literal, Union
 
 from ..errors import TokenizerError
@@ -134,44 +132,3 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} n_words={self.n_words} bos={self.bos_id} eos={self.eos_id}>"
-
-
-class StreamDecoder:
-    """Turns a growing list of ids into text increments, never emitting half of a UTF-8 character.
-
-    ``push`` returns only complete characters; bytes of a character split over several tokens are held
-    until the rest arrives. ``flush`` emits what is left (an incomplete tail becomes U+FFFD). The text of
-    all pushes plus the flush equals ``tokenizer.decode(ids, skip_special=skip_special)``.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special = skip_special
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = tokenizer.strips_leading_space
-
-    def push(self, ids: int | Iterable[int]) -> str:
-        """Feed one id or several; return the newly completed text (possibly "")."""
-        try:
-            ids = (operator.index(ids),)  # one id (int, numpy or 0-d torch integer)
-        except TypeError:
-            pass
-        tok = self.tokenizer
-        data = b"".join(
-            tok.token_bytes(i) for i in ids if not (self.skip_special and tok.is_special(i))
-        )
-        return self._emit(self._utf8.decode(data))
-
-    def flush(self) -> str:
-        """Return whatever is still held back (an unfinished character becomes U+FFFD) and reset."""
-        text = self._emit(self._utf8.decode(b"", final=True))
-        self._utf8.reset()
-        return text
-
-    def _emit(self, text: str) -> str:
-        if self._at_start and text:
-            # Matches the SentencePiece decoder, which drops one space at the start of the output.
-            self._at_start = False
-            if text[0] == " ":
-                text = text[1:]
-        return text

@@ -1,7 +1,7 @@
 """``ShopBenchModel``: answer ShopBench prompts with a local model, in batches, with constrained decoding.
 
 Each prompt is routed (:mod:`.router`), wrapped in its task type's system instruction and the
-model's chat format, and generated through the batched ``Llama.generate`` path. With constraints
+model's chat format, and generated through the decoding core with continuous batching (``Llama.run``). With constraints
 on (the default) the answer format is enforced while decoding: one offered digit for
 multiple-choice, a permutation of the listed items for ranking, N distinct listed items for
 retrieval, phrases copied from the query for NER and from the review for extractive generation
@@ -18,6 +18,8 @@ from typing import Any
 
 from ...constraints import (AutomatonConstraint, ChoiceAutomaton, CopyAutomaton, CopyBiasProcessor,
                             LineLimitProcessor, NumberListAutomaton)
+from ...sampling import SamplingParams
+from ...sequence import GenerationSpec
 from .parsing import repair_response
 from .prompts import build_dialog
 from .router import Route, route
@@ -35,8 +37,6 @@ DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     "extraction": 16,  # generation answered by copying a short phrase ("extract the keyphrase")
 }
 
-
-_SHORT = 32  # answers capped at this many tokens or fewer are batched apart from free-text ones
 
 
 @dataclass
@@ -156,33 +156,31 @@ class ShopBenchModel:
 
     def run(self, prompts: Sequence[str], is_multiple_choice: Sequence[bool],
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
-        """Answer ``prompts`` in batches of ``batch_size``; results come back in input order.
+        """Answer ``prompts``; results come back in input order.
 
-        Prompts are grouped by answer length (short / free text) and sorted by prompt length, so a
-        batch neither waits for long answers nor pads short prompts to long ones.
-        ``on_batch(n_questions, n_generated_tokens)`` is called after each batch.
+        Every question goes to the decoding core at once, each with its own budget and constraint
+        (``Llama.run``): at most the generator's ``max_batch_size`` decode together and a slot is refilled as soon as an answer
+        ends, so one-digit answers never wait for free text. ``on_batch(n_questions, n_generated_tokens)`` is
+        called as answers finish.
         """
         if len(prompts) != len(is_multiple_choice):
             raise ValueError(f"{len(prompts)} prompts but {len(is_multiple_choice)} is_multiple_choice flags")
         jobs = [self._job(i, p, bool(mc)) for i, (p, mc) in enumerate(zip(prompts, is_multiple_choice))]
-        # Short answers (choices, lists, copies) never share a batch with long free text, whose steps the
-        # whole batch would pay for; within each group, similar prompt lengths keep the padding small.
-        order = sorted(jobs, key=lambda j: (j.max_new > _SHORT, len(j.tokens)))
-        results: list[Prediction | None] = [None] * len(jobs)
-        size = min(self.batch_size, getattr(self.llm, "max_batch_size", self.batch_size))
-        for start in range(0, len(order), size):
-            batch = order[start:start + size]
-            out, _ = self.llm.generate(
-                [j.tokens for j in batch], max(j.max_new for j in batch), temperature=self.temperature,
-                top_p=self.top_p, logits_processors=[j.processors for j in batch])
-            n_generated = 0
-            for job, ids in zip(batch, out):
-                ids = list(ids)[: job.max_new]
-                n_generated += len(ids)
-                raw = self.tokenizer.decode(ids)
-                response = raw if self.constrain or not self.repair else repair_response(
-                    job.route.task_type, raw, n_items=len(job.route.items) or None, pick=job.route.pick or 3)
-                results[job.index] = Prediction(job.route, raw, response, len(job.tokens), len(ids), job.truncated)
+        # Longest budgets first: the long answers start early and the short ones fill the slots around them.
+        order = sorted(jobs, key=lambda j: -j.max_new)
+        params = SamplingParams(temperature=self.temperature, top_p=self.top_p)
+        specs = [GenerationSpec(j.tokens, j.max_new, params, processors=tuple(j.processors or ()), skip_special=False)
+                 for j in order]
+
+        def finished(seq: Any) -> None:
             if on_batch is not None:
-                on_batch(len(batch), n_generated)
+                on_batch(1, len(seq.generated))
+
+        results: list[Prediction | None] = [None] * len(jobs)
+        for job, seq in zip(order, self.llm.run(specs, on_finish=finished)):
+            ids = seq.kept_tokens()
+            raw = self.tokenizer.decode(ids)
+            response = raw if self.constrain or not self.repair else repair_response(
+                job.route.task_type, raw, n_items=len(job.route.items) or None, pick=job.route.pick or 3)
+            results[job.index] = Prediction(job.route, raw, response, len(job.tokens), len(ids), job.truncated)
         return [r for r in results if r is not None]

@@ -1,0 +1,305 @@
+"""The decoding core: one synchronous ``step()`` over the KV-cache slots, for every front end.
+
+A sequence added with ``add`` waits for a free slot (one row of the model's KV cache). Admitted, its prompt
+is prefilled into that slot alone, in chunks at fixed offsets (0, CHUNK, 2 CHUNK ...), at most
+``tokens_per_step`` prompt tokens per step so that a long prompt never stalls the running streams; then it joins
+the batched decode step, where every row sits at its own position. It leaves as soon as it finishes, is
+cancelled or fails, and the next waiting sequence takes the slot. Drivers: ``Llama`` (Meta's API, ShopBench,
+``llama3 bench``) steps it in the caller's thread, ``Engine`` (the server) in its own thread.
+
+Reproducibility: each sequence samples with its own generator, and each prompt is prefilled alone in chunks
+whose size and offsets never depend on other sequences; so a seeded sequence draws the same tokens whatever
+else runs (decode rows are batch-invariant on the quantized CPU kernels; float GEMMs may round differently
+per batch size, ~1e-5 on logits).
+
+Prefix cache: a free slot keeps the keys and values of the whole chunks it prefilled. A new sequence whose
+prompt starts with those tokens (the previous turn of a chat, a shared system prompt or few-shot block) takes
+that slot and prefills only the rest. Only whole chunks computed by prefill at the same offsets are reused,
+so a hit gives exactly the numbers of a cold prefill; decode-written positions and partial chunks are
+recomputed. Without a hit, the least recently used free slot is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GenerationError
+from .model import Transformer
+from .sequence import Sequence, check_prompt
+
+log = logging.getLogger("llama3.scheduler")
+
+PREFILL_CHUNK = 256
+PREFILL_TOKENS_PER_STEP = 256
+
+
+@dataclass
+class _Slot:
+    """One KV-cache row: the sequence in it, and the prompt tokens whose prefilled chunks it still holds."""
+
+    cached: list[int] = field(default_factory=list)  # tokens of whole prefilled chunks at positions 0..len-1
+    last_used: int = 0  # when its last sequence left (least recently used free slots are overwritten first)
+    admitted: int = 0  # when its sequence came in (older prompts are prefilled first)
+    seq: Sequence | None = None
+    position: int = 0  # prompt tokens in the cache while prefilling; then where ``last`` goes next step
+    ready: bool = False  # prefilled and holding its first token: takes part in decode steps
+    last: int = 0
+
+
+class Scheduler:
+    """Continuous batching over ``model``'s KV cache (``max_batch_size`` slots of ``max_seq_len`` positions).
+
+    ``add(seq)`` queues a sequence; ``step()`` admits, prefills within the step's budget, runs one batched
+    decode step and returns the sequences that changed (a new token, or finished). Not thread-safe: one
+    thread steps it (``add`` and ``Sequence.cancel`` may be called from others under the caller's lock).
+    """
+
+    def __init__(
+        self, model: Transformer, *, max_batch_size: int, max_seq_len: int, prefix_cache: bool = True,
+        chunk: int | None = None, tokens_per_step: int | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise GenerationError(f"invalid limits: max_batch_size={max_batch_size} (>= 1), max_seq_len={max_seq_len} (>= 2)")
+        if max_seq_len > model.config.max_seq_len:
+            raise GenerationError(f"max_seq_len={max_seq_len} exceeds the model's context length {model.config.max_seq_len}")
+        self.model, self.max_batch_size, self.max_seq_len = model, max_batch_size, max_seq_len
+        self.prefix_cache = prefix_cache
+        self.chunk = chunk or PREFILL_CHUNK
+        self.tokens_per_step = tokens_per_step or PREFILL_TOKENS_PER_STEP
+        self.device = model.device
+        self.vocab_size = model.config.vocab_size
+        self.slots = [_Slot() for _ in range(max_batch_size)]
+        self.waiting: deque[Sequence] = deque()
+        self._clock = 0
+        self.steps = 0  # decode steps run
+        self.generated_tokens = 0
+        self.prompt_tokens = 0  # prompt tokens of admitted sequences
+        self.prefix_hits = 0  # admissions that reused cached chunks
+        self.prefix_tokens = 0  # prompt tokens not prefilled thanks to the cache
+        self.claim()
+
+    def claim(self) -> None:
+        """Make the model's KV cache this scheduler's. If another front end used it meanwhile (or it was
+        reallocated), nothing this one cached is there any more."""
+        model = self.model
+        if model.cache_batch != self.max_batch_size or model.cache_len != self.max_seq_len:
+            model.setup_cache(self.max_batch_size, self.max_seq_len)
+        for slot in self.slots:
+            slot.cached = []
+        model.kv_owner = self
+
+    # -- queueing ------------------------------------------------------------------------------------------
+
+    def check(self, seq: Sequence, name: str = "the prompt") -> None:
+        """Raise ``GenerationError`` for a prompt or budget this scheduler can never serve."""
+        spec = seq.spec
+        check_prompt(spec.prompt, self.max_seq_len, self.vocab_size, name)
+        room = self.max_seq_len - len(spec.prompt)
+        if not 1 <= spec.max_tokens <= room:
+            raise GenerationError(
+                f"max_tokens={spec.max_tokens} must be >= 1 and at most {room} "
+                f"(context {self.max_seq_len} minus the prompt's {len(spec.prompt)} tokens)"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.waiting.append(seq)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s.seq for s in self.slots if s.seq is not None]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s.seq is not None for s in self.slots)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.running),
+            "waiting": sum(not s.cancelled for s in self.waiting),
+            "decode_steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "prefix_cache_hits": self.prefix_hits,
+            "prefix_cache_tokens": self.prefix_tokens,
+        }
+
+    def remove(self, seqs: list[Sequence]) -> None:
+        """Take ``seqs`` out now, waiting or running (a synchronous driver's cleanup after an error or an early
+        close); they end "cancelled" unless already finished."""
+        gone = {id(s) for s in seqs}
+        self.waiting = deque(s for s in self.waiting if id(s) not in gone)
+        for slot in self.slots:
+            if slot.seq is not None and id(slot.seq) in gone:
+                slot.seq.end("cancelled")
+                self._release(slot)
+        for seq in seqs:
+            seq.end("cancelled")
+
+    def end_all(self, message: str, kind: str) -> list[Sequence]:
+        """End every waiting and running sequence with an error (shutdown); returns them."""
+        ended = [*self.waiting, *self.running]
+        self.waiting.clear()
+        for slot in self.slots:
+            slot.seq = None
+        for seq in ended:
+            seq.fail(message, kind)
+        return ended
+
+    # -- the step ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Admit, prefill some, decode once; the sequences that changed (finished ones are out of their slot)."""
+        changed: list[Sequence] = []
+        if self.model.kv_owner is not self:
+            self.claim()
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.end("cancelled")
+            changed.append(seq)
+        self._drop_cancelled(changed)
+        self._admit()
+        self._prefill_some(changed)
+        self._drop_cancelled(changed)
+        if any(s.ready for s in self.slots if s.seq is not None):
+            self._decode(changed)
+        return list(dict.fromkeys(changed))  # each once, in order
+
+    def _drop_cancelled(self, changed: list[Sequence]) -> None:
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.cancelled:
+                slot.seq.end("cancelled")
+                changed.append(slot.seq)
+                self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.seq, slot.ready = None, False
+        self._clock += 1
+        slot.last_used = self._clock
+
+    def _reusable(self, slot: _Slot, seq: Sequence, prompt: list[int]) -> int:
+        """Prompt tokens whose keys and values ``slot`` already holds, in whole chunks (at least one token of
+        the prompt is always left to prefill: its logits choose the first new token; echo scores them all)."""
+        if not self.prefix_cache or not slot.cached or seq.spec.echo_logprobs:
+            return 0
+        n = 0
+        limit = min(len(slot.cached), len(prompt) - 1)
+        while n < limit and slot.cached[n] == prompt[n]:
+            n += 1
+        return n // self.chunk * self.chunk
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            seq = self.waiting.popleft()
+            prompt = list(seq.spec.prompt)
+            # The longest cached prefix wins; without one, the least recently used slot is overwritten.
+            slot = max(free, key=lambda s: (self._reusable(s, seq, prompt), -s.last_used))
+            reuse = self._reusable(slot, seq, prompt)
+            self._clock += 1
+            slot.cached = slot.cached[:reuse]
+            slot.seq, slot.position, slot.ready, slot.admitted = seq, reuse, False, self._clock
+            self.prompt_tokens += len(prompt)
+            if reuse:
+                self.prefix_hits += 1
+                self.prefix_tokens += reuse
+                log.debug("prefix cache: %d of %d prompt tokens reused", reuse, len(prompt))
+
+    def _prefill_some(self, changed: list[Sequence]) -> None:
+        """Prefill waiting prompts, oldest admission first, chunk by chunk within the step's token budget."""
+        budget = self.tokens_per_step
+        for index, slot in sorted(enumerate(self.slots), key=lambda item: item[1].admitted):
+            while budget > 0 and slot.seq is not None and not slot.ready:
+                seq = slot.seq
+                start = slot.position
+                size = min(self.chunk - start % self.chunk, len(seq.spec.prompt) - start)
+                budget -= size
+                self._guard([slot], changed, lambda: self._prefill_chunk(index, slot, start, size, changed))
+            if budget <= 0:
+                return
+
+    def _prefill_chunk(self, index: int, slot: _Slot, start: int, size: int, changed: list[Sequence]) -> None:
+        seq = slot.seq
+        prompt = seq.spec.prompt
+        chunk = torch.tensor([list(prompt[start : start + size])], dtype=torch.long, device=self.device)
+        rows = torch.tensor([index], device=self.device)
+        # Into its own slot, alone: the numbers never depend on what else is running.
+        logits = self.model(chunk, start, last_only=not seq.spec.echo_logprobs, cache_rows=rows)[0]
+        if seq.spec.echo_logprobs:
+            seq.score_prompt(logits, start)
+        slot.position = start + size
+        if size == self.chunk and len(slot.cached) == start:  # a whole chunk: reusable by a later prompt
+            slot.cached += prompt[start : start + size]
+        if slot.position == len(prompt):
+            slot.ready = True
+            self._accept(slot, logits[-1], changed)
+
+    def _decode(self, changed: list[Sequence]) -> None:
+        # Rows 0..highest busy slot run together: a contiguous range lets the KV cache hand out views instead
+        # of gathering rows. Other rows compute a throwaway row whose cache write lands where nothing is kept:
+        # a slot still prefilling at its next prompt position (its next chunk overwrites it), a free slot just
+        # past the chunks it caches (never inside them: the cache is never full of whole chunks).
+        busy = [i for i, s in enumerate(self.slots) if s.seq is not None]
+        width = busy[-1] + 1
+        tokens = torch.zeros(width, 1, dtype=torch.long)
+        positions = torch.zeros(width, dtype=torch.long)
+        for i in range(width):
+            slot = self.slots[i]
+            if slot.seq is not None:
+                tokens[i, 0], positions[i] = slot.last, slot.position
+            else:
+                positions[i] = min(len(slot.cached), self.max_seq_len - 1)
+        ready = [self.slots[i] for i in busy if self.slots[i].ready]
+        kv_len = int(positions.max()) + 1
+        try:
+            logits = self.model(tokens.to(self.device), positions.to(self.device), last_only=True, kv_len=kv_len)
+        except Exception as exc:  # noqa: BLE001 - fail the sequences of this step, keep serving the rest
+            log.exception("decode step failed")
+            for slot in ready:
+                self._finish_failed(slot, f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+            return
+        self.steps += 1
+        for i in busy:
+            slot = self.slots[i]
+            if slot.ready and slot.seq is not None:
+                slot.position += 1
+                self._guard([slot], changed, lambda: self._accept(slot, logits[i, -1], changed))
+
+    def _accept(self, slot: _Slot, logits: torch.Tensor, changed: list[Sequence]) -> None:
+        seq = slot.seq
+        before = len(seq.generated)
+        seq.accept(logits)
+        self.generated_tokens += len(seq.generated) - before
+        if seq.generated:
+            slot.last = seq.generated[-1]
+        changed.append(seq)
+        if seq.done:
+            self._release(slot)
+
+    def _guard(self, slots: list[_Slot], changed: list[Sequence], work) -> None:
+        """Run ``work``; an error ends only the sequences of ``slots`` (the request's fault for a
+        ``GenerationError``, the server's for anything else)."""
+        try:
+            work()
+        except GenerationError as exc:
+            for slot in slots:
+                self._finish_failed(slot, str(exc), "request", changed)
+        except Exception as exc:  # noqa: BLE001 - the engine must survive any single failure
+            log.exception("generation failed")
+            for slot in slots:
+                self._finish_failed(slot, f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+
+    def _finish_failed(self, slot: _Slot, message: str, kind: str, changed: list[Sequence]) -> None:
+        if slot.seq is None:
+            return
+        slot.seq.fail(message, kind)
+        changed.append(slot.seq)
+        # The cached chunks stay valid: a failed step writes only at or beyond the sequence's own position.
+        self._release(slot)

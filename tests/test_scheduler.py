@@ -1,0 +1,146 @@
+"""The decoding core: prefix-cache hits are exact, logits processors reach every driver, chats answer the same.
+
+Oracles: a cold prefill of the same prompt (a scheduler without the prefix cache, on the same weights), the same
+chat run with the cache off, and forced tokens for processors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from llama3.assets import default_model_path
+from llama3.config import ModelConfig
+from llama3.engine import Engine
+from llama3.generation import Llama
+from llama3.model import Transformer
+from llama3.sampling import SamplingParams
+from llama3.scheduler import Scheduler
+from llama3.sequence import GenerationSpec, Sequence
+from llama3.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def float_model(tokenizer):
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, hidden_dim=128,
+                         max_seq_len=256)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def quantized_model():
+    from llama3.checkpoint import load_model
+
+    return load_model(default_model_path(), device="cpu")
+
+
+class Recorder:
+    """A logits processor that keeps a copy of every row it sees (and changes nothing)."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, generated, logits):
+        self.rows.append(logits.clone())
+        return logits
+
+
+def run(scheduler: Scheduler, tokenizer, prompt: list[int], steps: int, processors=()) -> Sequence:
+    seq = Sequence(GenerationSpec(prompt, steps, GREEDY, processors=processors), tokenizer, torch.Generator(),
+                   frozenset())
+    scheduler.add(seq)
+    while not seq.done:
+        scheduler.step()
+    return seq
+
+
+@pytest.mark.parametrize("which", ["float", "quantized"])
+def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(which, request, tokenizer):
+    model = request.getfixturevalue(f"{which}_model")
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(100, 20000, (50,), generator=g).tolist()
+    second = first[:40] + torch.randint(100, 20000, (21,), generator=g).tolist()  # shares 40 tokens: 2 chunks
+    warm = Scheduler(model, max_batch_size=2, max_seq_len=128, chunk=CHUNK)
+    run(warm, tokenizer, first, 3)
+    hit = Recorder()
+    warm_seq = run(warm, tokenizer, second, 5, (hit,))
+    assert warm.stats()["prefix_cache_hits"] == 1 and warm.stats()["prefix_cache_tokens"] == 2 * CHUNK
+
+    cold = Scheduler(model, max_batch_size=2, max_seq_len=128, chunk=CHUNK, prefix_cache=False)
+    reference = Recorder()
+    cold_seq = run(cold, tokenizer, second, 5, (reference,))
+    assert cold.stats()["prefix_cache_hits"] == 0
+    assert warm_seq.generated == cold_seq.generated
+    assert len(hit.rows) == len(reference.rows) == 5
+    for got, want in zip(hit.rows, reference.rows):
+        assert torch.equal(got, want)  # bit for bit: the reused chunks are the cold prefill's own numbers
+
+
+def test_another_front_end_on_the_same_model_invalidates_the_cache(float_model, tokenizer):
+    prompt = list(range(200, 260))
+    a = Scheduler(float_model, max_batch_size=1, max_seq_len=128, chunk=CHUNK)
+    run(a, tokenizer, prompt, 2)
+    other = Scheduler(float_model, max_batch_size=1, max_seq_len=128, chunk=CHUNK, prefix_cache=False)
+    run(other, tokenizer, list(range(300, 360)), 2)  # overwrites the cache rows a's chunks were in
+    run(a, tokenizer, prompt + [7], 2)
+    assert a.stats()["prefix_cache_hits"] == 0  # a noticed and prefilled again
+
+
+def test_a_logits_processor_reaches_the_server_engine(float_model, tokenizer):
+    forced = tokenizer.encode(" yes", bos=False, eos=False)[0]
+
+    def only_yes(generated, logits):
+        out = torch.full_like(logits, -float("inf"))
+        out[forced] = 0.0
+        return out
+
+    engine = Engine(float_model, tokenizer, max_batch_size=2, max_seq_len=128)
+    engine.start()
+    try:
+        async def go():
+            spec = GenerationSpec([5, 6, 7], 6, SamplingParams(temperature=1.0), processors=(only_yes,))
+            submission = engine.submit([spec, GenerationSpec([5, 6, 7], 6, GREEDY)])
+            texts = ["", ""]
+            async for index, delta in submission.events():
+                texts[index] += delta.text
+            return texts
+
+        constrained, free = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert constrained == tokenizer.decode([forced] * 6) and free != constrained
+
+
+@pytest.mark.slow
+def test_a_chat_answers_the_same_with_its_history_in_the_cache():
+    """Four turns of one chat, greedy, with and without the prefix cache: the same answers, and with the cache
+    every turn after the first reuses the history's whole chunks."""
+    answers = {}
+    for cache in (True, False):
+        llm = Llama.build(max_seq_len=2048, max_batch_size=2, prefix_cache=cache)
+        dialog = [{"role": "system", "content": "You are a helpful assistant. " * 40}]
+        turns = []
+        for question in ("Name a fruit.", "Why is it healthy?", "Give a recipe with it.", "Summarize that."):
+            dialog.append({"role": "user", "content": question})
+            reply = llm.chat_completion([dialog], temperature=0, max_gen_len=48)[0]["generation"]
+            dialog.append(reply)
+            turns.append(reply["content"])
+        answers[cache] = turns
+        stats = llm.scheduler.stats()
+        assert (stats["prefix_cache_hits"] >= 3) if cache else stats["prefix_cache_hits"] == 0
+    assert answers[True] == answers[False]
