@@ -102,8 +102,10 @@ class Llama:
         self._seeds = random.Random(seed)  # per-sequence seeds of calls that pass none
         self.load_seconds: float | None = None
         self.stop_tokens = frozenset(tokenizer.stop_tokens)
+        # No other streams wait on this driver's steps, so every admitted prompt is prefilled before the next
+        # decode step (all rows then decode together, the cheapest order); chunks stay at fixed offsets.
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_seq_len=max(2, max_seq_len),
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, tokens_per_step=max_batch_size * max_seq_len)
 
     @staticmethod
     def build(
