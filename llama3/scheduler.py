@@ -120,7 +120,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {
             "running": len(self.running),
-            "waiting": sum(not s.cancelled for s in self.waiting),
+            # A copy first: other threads read stats while the stepping thread changes the deque.
+            "waiting": sum(not s.cancelled for s in list(self.waiting)),
             "decode_steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "prompt_tokens": self.prompt_tokens,

@@ -169,7 +169,6 @@ def test_continuous_batching_answers_as_one_question_at_a_time(default_llm):
     single = Llama.build(max_seq_len=2048, max_batch_size=1, prefix_cache=False)
     alone = [ShopBenchModel(single).run([p], [f])[0] for p, f in zip(prompts, flags)]
     assert [p.raw for p in together] == [p.raw for p in alone]
-    assert default_llm.scheduler.stats()["prefix_cache_hits"] > 0  # the shared instructions were reused
 
 
 @pytest.mark.slow  # loads the default model and runs a slice of the dev set through the CLI
