@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
@@ -18,7 +19,7 @@ from .errors import GenerationError
 from .model import Transformer
 from .sampling import LogitsProcessor, SamplingParams
 from .scheduler import Scheduler
-from .sequence import GenerationSpec, check_prompt
+from .sequence import GenerationSpec
 from .sequence import Sequence as Generation
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -163,11 +164,8 @@ class Llama:
         slots refilled as sequences finish); the finished sequences, in order. ``on_finish(seq)`` is called as
         each one ends. A sequence failing raises ``GenerationError`` after the others are dropped."""
         seqs = [self.sequence(spec, tag=i) for i, spec in enumerate(specs)]
-        for i, seq in enumerate(seqs):
-            self.scheduler.check(seq, f"prompt {i}" if len(seqs) > 1 else "the prompt")
+        self.scheduler.add_all(seqs, [f"prompt {i}" for i in range(len(seqs))])
         try:
-            for seq in seqs:
-                self.scheduler.add(seq)
             left = len(seqs)
             while left:
                 for seq in self.scheduler.step():
@@ -206,8 +204,6 @@ class Llama:
             raise GenerationError("no prompts given")
         if len(prompt_tokens) > self.max_batch_size:
             raise GenerationError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size={self.max_batch_size}")
-        for i, prompt in enumerate(prompt_tokens):
-            check_prompt(prompt, self.max_seq_len, self.model.config.vocab_size, f"prompt {i}")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
@@ -216,12 +212,14 @@ class Llama:
             raise GenerationError("logits_processors needs one entry (a list or None) per prompt")
         params = SamplingParams(**sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        processors = logits_processors or [None] * len(prompt_tokens)
         specs = []
         for i, prompt in enumerate(prompt_tokens):
-            row = params if params.seed is None else SamplingParams(**{**sampling, "seed": (params.seed + i) % SEED_SPACE})
+            row = params if params.seed is None else replace(params, seed=(params.seed + i) % SEED_SPACE)
+            # Prompts are validated by the scheduler (Llama.run); a too-long one fails there, before its budget.
             specs.append(GenerationSpec(
                 prompt=list(prompt), max_tokens=min(max_gen_len, self.max_seq_len - len(prompt)), params=row,
-                stop=stops, logprobs=logprobs, processors=tuple((logits_processors or [None] * len(prompt_tokens))[i] or ()),
+                stop=stops, logprobs=logprobs, processors=tuple(processors[i] or ()),
                 echo_logprobs=logprobs and echo, skip_special=skip_special,
             ))  # fmt: skip
         return specs
@@ -339,7 +337,7 @@ class Llama:
         (spec,) = self._specs([prompt_tokens], max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
                               False, False, stop, [logits_processors] if logits_processors else None, skip_special=True)
         seq = self.sequence(spec)
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, "prompt 0")
         return TextStream(self, seq)
 
     def stream_completion(self, prompt: str, **kwargs: Any) -> TextStream:

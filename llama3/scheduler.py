@@ -105,9 +105,15 @@ class Scheduler:
                 f"(context {self.max_seq_len} minus the prompt's {len(spec.prompt)} tokens)"
             )
 
-    def add(self, seq: Sequence) -> None:
-        self.check(seq)
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, name: str = "the prompt") -> None:
+        """Check ``seq`` (``GenerationError`` naming it ``name``) and queue it."""
+        self.add_all([seq], [name])
+
+    def add_all(self, seqs: list[Sequence], names: list[str]) -> None:
+        """Check every sequence, then queue them all: all or none."""
+        for seq, name in zip(seqs, names, strict=True):
+            self.check(seq, name)
+        self.waiting.extend(seqs)
 
     @property
     def running(self) -> list[Sequence]:
@@ -136,7 +142,6 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if id(s) not in gone)
         for slot in self.slots:
             if slot.seq is not None and id(slot.seq) in gone:
-                slot.seq.end("cancelled")
                 self._release(slot)
         for seq in seqs:
             seq.end("cancelled")
@@ -202,8 +207,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             prompt = list(seq.spec.prompt)
             # The longest cached prefix wins; without one, the least recently used slot is overwritten.
-            slot = max(free, key=lambda s: (self._reusable(s, seq, prompt), -s.last_used))
-            reuse = self._reusable(slot, seq, prompt)
+            reuse, _, slot = max(((self._reusable(s, seq, prompt), -s.last_used, s) for s in free),
+                                 key=lambda c: c[:2])
             self._clock += 1
             slot.cached = slot.cached[:reuse]
             slot.seq, slot.position, slot.ready, slot.admitted = seq, reuse, False, self._clock

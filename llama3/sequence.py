@@ -178,18 +178,12 @@ class Sequence:
         text = self.watch.releasable(final=self.done)
         delta = text[self._shown :]
         self._shown = len(text)
-        cut = self.watch.cut
         ready = []
-        for entry_index in range(self._sent, len(self.entries)):
-            end = self.watch.char_ends[entry_index]
-            if self.done and cut is None:
-                ready.append(self.entries[entry_index])  # the end: everything goes
-            elif end <= len(text):
-                ready.append(self.entries[entry_index])
-            else:
+        for entry, end in zip(self.entries[self._sent :], self.watch.char_ends[self._sent :]):
+            if end > len(text):  # its text is held back (or cut by a stop string)
                 break
-        self._sent += len(ready)
-        if self.done:
-            self._sent = len(self.entries)
+            ready.append(entry)
+        # At the end, entries past a stop string's cut are dropped with their text.
+        self._sent = len(self.entries) if self.done else self._sent + len(ready)
         return delta, ready
 

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from llama3.assets import default_model_path
-from llama3.config import ModelConfig
 from llama3.engine import Engine
 from llama3.generation import Llama
-from llama3.model import Transformer
 from llama3.sampling import SamplingParams
 from llama3.scheduler import Scheduler
 from llama3.sequence import GenerationSpec, Sequence
 from llama3.tokenizer import load_tokenizer
+from test_engine import make_model
 
 GREEDY = SamplingParams(temperature=0.0)
 CHUNK = 16
@@ -32,14 +31,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def float_model(tokenizer):
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, hidden_dim=128,
-                         max_seq_len=256)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5 if p.dim() == 2 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
-    return model.eval()
+    return make_model(tokenizer.n_words)
 
 
 @pytest.fixture(scope="module")

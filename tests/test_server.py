@@ -41,38 +41,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def launch(args: list[str], log_path: Path, timeout: float = 240) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m llama3.server`` on a free loopback port with ``args``; return it and its URL once
+    /health answers (the test fails with the log's tail if it exits or does not come up)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "llama3.server", "--host", "127.0.0.1", "--port", str(port), "--max-seq-len", str(CTX),
-           "--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--api-key", KEY, "--threads", "1",
-           "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "llama3.server", "--host", "127.0.0.1", "--port", str(port), *args]
     env = {k: v for k, v in os.environ.items() if k != "LLAMA3_API_KEY"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not come up in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def shut(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not come up in 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    args = ["--max-seq-len", str(CTX), "--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--api-key", KEY,
+            "--threads", "1", "--log-level", "warning"]
+    proc, url = launch(args, tmp_path_factory.mktemp("server") / "server.log")
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        shut(proc)
 
 
 @pytest.fixture(scope="module")

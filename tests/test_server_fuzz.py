@@ -10,11 +10,7 @@ a tiny random one (fast), behind an API key, with a small context so that every 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +25,7 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from test_server import free_port  # noqa: E402
+from test_server import launch, shut  # noqa: E402
 
 KEY = "sk-fuzz-51c2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -38,33 +34,14 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def fuzz_server(hf_llama_dir, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
-    cmd = [sys.executable, "-m", "llama3.server", "--model", str(hf_llama_dir), "--port", str(port),
-           "--max-seq-len", "48", "--max-batch-size", "4", "--max-queue", "256", "--api-key", KEY,
-           "--threads", "1", "--log-level", "warning"]
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA3_API_KEY"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    args = ["--model", str(hf_llama_dir), "--max-seq-len", "48", "--max-batch-size", "4", "--max-queue", "256",
+            "--api-key", KEY, "--threads", "1", "--log-level", "warning"]
+    proc, url = launch(args, log_path, timeout=120)
     try:
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
         yield url, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        shut(proc)
 
 
 def fuzz(url: str, requests: int) -> Counter:

@@ -4,10 +4,8 @@ within ``--shutdown-grace``, then ends the rest with an error event and ``[DONE]
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,28 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import CHAT, FRANCE, NEVER_STOP, free_port
+from test_server import CHAT, FRANCE, NEVER_STOP, launch
 
 
 def start_server(tmp_path: Path, grace: float) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log_path = tmp_path / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "llama3.server", "--port", str(port), "--max-seq-len", "512", "--threads", "1",
-           "--max-batch-size", "2", "--shutdown-grace", str(grace), "--log-level", "warning"]
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA3_API_KEY"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.3)
+    log_path = tmp_path / f"server-{grace}.log"
+    args = ["--max-seq-len", "512", "--threads", "1", "--max-batch-size", "2", "--shutdown-grace", str(grace),
+            "--log-level", "warning"]
+    proc, url = launch(args, log_path, timeout=120)
+    return proc, url, log_path
 
 
 def stream_events(url: str, max_tokens: int, events: list, started: threading.Event) -> None:
