@@ -112,24 +112,51 @@ def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.T
     return logits
 
 
-def top_p_filter(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Meta's nucleus rule on sorted probabilities: drop a token once the mass *before* it exceeds p.
+def nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Meta's top-p rule on one row (V,): the likeliest tokens, in descending order, until the mass *before*
+    a token exceeds ``p``; returns (their probs, their ids). The top-1 token always survives.
 
-    Returns (renormalised sorted probs, sort indices); the top-1 token always survives.
+    Only the head of the distribution is sorted (``topk`` with a growing k): a full sort of a 128k vocabulary
+    costs several milliseconds per token, and the nucleus of a trained model is usually a few dozen tokens.
+    The survivors are those of Meta's full sort (same float32 cumulative sums, exact ties at the cut
+    resolved as its stable sort does).
     """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    return probs_sort, probs_idx
+    vocab = probs.shape[-1]
+    if p >= 1.0:
+        return probs, torch.arange(vocab, device=probs.device)
+    k = min(64, vocab)
+    while True:
+        values, ids = torch.topk(probs, k)
+        dropped = torch.cumsum(values, dim=-1) - values > p
+        if k == vocab or bool(dropped[-1]):
+            break
+        k = min(k * 8, vocab)
+    kept = int((~dropped).sum())  # a prefix: the mass before a token only grows
+    values, ids = values[:kept], ids[:kept]
+    # Exact ties cut at the boundary: keep the lowest ids, as a stable sort (and Meta's, on the CPU) does.
+    if kept < vocab:
+        last = values[-1]
+        tied = int((values == last).sum())
+        everyone = torch.nonzero(probs == last).flatten()  # ascending ids
+        if len(everyone) > tied:
+            ids = torch.cat([ids[values != last], everyone[:tied]])
+    return values, ids
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row (B, V) -> (B, 1) exactly as Meta's ``sample_top_p``."""
-    probs_sort, probs_idx = top_p_filter(probs, p)
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+    """Draw one token per row (B, V) -> (B, 1) from Meta's nucleus distribution (the survivors of top-p,
+    renormalised), by one uniform draw against their cumulative mass (float64, so no token's share is lost to
+    rounding, and a token of probability 0 is never drawn)."""
+    out = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)
+    for row in range(probs.shape[0]):
+        values, ids = nucleus(probs[row], p)
+        cumulative = torch.cumsum(values.double(), dim=-1)
+        u = torch.rand((), dtype=torch.float64, generator=generator, device=probs.device) * cumulative[-1]
+        index = int(torch.searchsorted(cumulative, u[None], right=True))
+        if index == len(values):  # u * total rounded up to the total itself: the last token with mass
+            index = int(torch.nonzero(values > 0)[-1])
+        out[row, 0] = ids[index]
+    return out
 
 
 def checked_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from llama3 import Llama3Error
 from llama3.assets import default_model_path
 from llama3.generation import Llama
-from llama3.sampling import SamplingParams, top_p_filter
+from llama3.sampling import SamplingParams, nucleus
 
 PROMPTS = [
     "The capital of France is",
@@ -87,15 +87,14 @@ def test_text_completion_logprobs_shape(smol):
 
 def test_top_p_exact_survivors():
     # Exact binary fractions: mass *before* each token is 0, 0.5, 0.75, 0.875.
-    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
+    probs = torch.tensor([0.125, 0.5, 0.125, 0.25])
     for p, survivors in [(0.75, {1, 3, 0}), (0.7, {1, 3}), (0.5, {1, 3}), (0.4, {1}), (1.0, {0, 1, 2, 3})]:
-        sorted_probs, idx = top_p_filter(probs, p)
-        kept = {int(i) for i, q in zip(idx[0], sorted_probs[0]) if q > 0}
-        assert kept == survivors, p
-        assert torch.isclose(sorted_probs.sum(), torch.tensor(1.0))
-    # 0.75: tokens 1, 3 and the first of the two 0.125s survive; the kept mass renormalises to 1.
-    sorted_probs, _ = top_p_filter(probs, 0.75)
-    torch.testing.assert_close(sorted_probs[0, :3], torch.tensor([0.5, 0.25, 0.125]) / 0.875)
+        values, idx = nucleus(probs, p)
+        assert {int(i) for i in idx} == survivors, p
+        assert values.tolist() == probs[idx].tolist()
+    # 0.75: tokens 1, 3 and one of the two 0.125s survive, likeliest first.
+    values, _ = nucleus(probs, 0.75)
+    assert values.tolist() == [0.5, 0.25, 0.125]
 
 
 def test_seeded_sampling_is_reproducible(smol):

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from llama3.errors import GenerationError
-from llama3.sampling import SamplingParams, apply_logit_bias, apply_penalties, choose, next_token_probs, scaled_logits
+from llama3.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    choose,
+    next_token_probs,
+    nucleus,
+    sample_top_p,
+    scaled_logits,
+)
 
 VOCAB = 64
 
@@ -92,3 +101,52 @@ def test_nothing_to_choose_is_a_generation_error():
         nan[1, 3] = math.nan
         with pytest.raises(GenerationError, match="NaN"):
             choose(nan, params)
+
+
+def meta_survivors(probs: torch.Tensor, p: float) -> set[int]:
+    """Meta's ``sample_top_p`` mask, literally: full descending sort, drop once the mass before exceeds p."""
+    probs_sort, probs_idx = torch.sort(probs, descending=True, stable=True)
+    mask = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
+    return {int(i) for i in probs_idx[~mask]}
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 4096, 49152])
+def test_nucleus_keeps_metas_survivors(vocab):
+    # Peaked and flat rows, so the head search stops at the first k, grows, or falls back to the whole row;
+    # with ties, the ids kept at the cut are a stable sort's (the lowest).
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(16):
+        scale = [0.05, 1.0, 4.0, 12.0][trial % 4]
+        logits = torch.randn(vocab, generator=g) * scale
+        if trial >= 8:  # whole-number logits: many exact ties, some cut at the boundary
+            logits = logits.round()
+        probs = torch.softmax(logits, dim=-1)
+        for p in (0.05, 0.5, 0.9, 0.999):
+            values, ids = nucleus(probs, p)
+            assert {int(i) for i in ids} == meta_survivors(probs, p), (trial, p)
+            assert torch.equal(values, probs[ids]) and bool((values[:-1] >= values[1:]).all())
+
+
+def test_top_p_draws_follow_the_renormalised_nucleus():
+    # Closed form: with p = 0.8 the survivors are tokens 0..3 (mass before token 4 is 0.85 > 0.8), drawn in
+    # proportion to their renormalised mass; tokens of probability 0 are never drawn.
+    probs = torch.tensor([[0.4, 0.25, 0.12, 0.08, 0.1, 0.05, 0.0, 0.0]])
+    probs = probs / probs.sum()
+    order = [0, 1, 2, 4, 3, 5]  # by probability
+    g = torch.Generator().manual_seed(0)
+    draws = 20000
+    counts = torch.zeros(8)
+    for _ in range(draws):
+        counts[int(sample_top_p(probs, 0.8, g))] += 1
+    survivors = order[:4]
+    expected = torch.zeros(8)
+    expected[survivors] = probs[0, survivors] / probs[0, survivors].sum()
+    assert set(torch.nonzero(counts).flatten().tolist()) == set(survivors)
+    # Within 5 binomial standard deviations of the closed form.
+    sd = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((counts / draws - expected).abs() <= 5 * sd + 1e-9).all()), counts / draws
+    # p = 1 keeps every token with mass, and only those.
+    counts = torch.zeros(8)
+    for _ in range(4000):
+        counts[int(sample_top_p(probs, 1.0, g))] += 1
+    assert set(torch.nonzero(counts).flatten().tolist()) == {0, 1, 2, 3, 4, 5}

@@ -10,6 +10,7 @@ a tiny random one (fast), behind an API key, with a small context so that every 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 import httpx
@@ -52,6 +53,7 @@ def fuzz(url: str, requests: int) -> Counter:
     per_test = max(1, requests // (len(operations) * len(modes)))
     tally: Counter = Counter()
     failures: list[str] = []
+    slowest: list[tuple[float, str]] = []
     for operation in operations:
         for mode in modes:
             @given(case=operation.as_strategy(generation_mode=mode))
@@ -59,12 +61,17 @@ def fuzz(url: str, requests: int) -> Counter:
                       suppress_health_check=list(HealthCheck))
             def one(case) -> None:
                 headers = dict(AUTH) if tally.total() % 10 else {}  # one request in ten without the key
+                start = time.perf_counter()
                 try:
                     response = case.call(base_url=url, headers=headers, timeout=60)
                 except Exception as exc:  # noqa: BLE001 - a dropped connection is a finding, not a crash here
                     tally["anything else"] += 1
-                    failures.append(f"{case.method} {case.path}: {type(exc).__name__}: {exc}")
+                    failures.append(f"{case.method} {case.path}: {type(exc).__name__}: {exc}\n{case.as_curl_command()}")
                     return
+                finally:
+                    slowest.append((time.perf_counter() - start, case.as_curl_command()[:600]))
+                    slowest.sort(reverse=True)
+                    del slowest[3:]
                 status = response.status_code
                 try:
                     case.validate_response(response, checks=CHECKS)
@@ -87,6 +94,7 @@ def fuzz(url: str, requests: int) -> Counter:
     print(f"\nserver fuzz: {sum(tally[k] for k in ('clean error', 'answered', 'anything else'))} requests: "
           f"answered {tally['answered']}, clean error {tally['clean error']}, anything else {tally['anything else']}; "
           + ", ".join(f"{k} x{v}" for k, v in sorted(tally.items()) if k.startswith(("HTTP", "valid"))))
+    print("slowest: " + "\n".join(f"{seconds:.1f} s: {curl}" for seconds, curl in slowest))
     assert not failures, "\n\n".join(failures[:5])
     return tally
 
