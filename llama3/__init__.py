@@ -2,6 +2,7 @@
 
 from .checkpoint import load_model
 from .config import ModelConfig, RopeScaling
+from .constraints.grammar import Grammar, GrammarError
 from .errors import CheckpointError, GenerationError, Llama3Error, TokenizerError
 from .generation import Llama
 from .model import Transformer
@@ -17,6 +18,8 @@ __all__ = [
     "Tokenizer",
     "load_tokenizer",
     "GenerationError",
+    "Grammar",
+    "GrammarError",
     "Llama3Error",
     "ModelConfig",
     "RopeScaling",

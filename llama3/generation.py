@@ -15,6 +15,7 @@ import torch
 
 from .assets import default_model_path
 from .checkpoint import load_model
+from .constraints.grammar import Grammar
 from .errors import GenerationError
 from .model import Transformer
 from .sampling import LogitsProcessor, SamplingParams
@@ -197,6 +198,7 @@ class Llama:
         stop: Sequence[str] | str | None,
         logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None,
         skip_special: bool = False,
+        response_format: Mapping[str, Any] | Grammar | None = None,
     ) -> list[GenerationSpec]:
         """Meta's batch rules: at most ``max_batch_size`` prompts, each shorter than ``max_seq_len``; each row
         generates up to ``max_gen_len`` tokens or what the context leaves. Seeded calls give row i seed + i."""
@@ -213,6 +215,7 @@ class Llama:
         params = SamplingParams(**sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         processors = logits_processors or [None] * len(prompt_tokens)
+        grammar = response_format if isinstance(response_format, Grammar) else Grammar.from_response_format(response_format)
         specs = []
         for i, prompt in enumerate(prompt_tokens):
             row = params if params.seed is None else replace(params, seed=(params.seed + i) % SEED_SPACE)
@@ -220,7 +223,7 @@ class Llama:
             specs.append(GenerationSpec(
                 prompt=list(prompt), max_tokens=min(max_gen_len, self.max_seq_len - len(prompt)), params=row,
                 stop=stops, logprobs=logprobs, processors=tuple(processors[i] or ()),
-                echo_logprobs=logprobs and echo, skip_special=skip_special,
+                echo_logprobs=logprobs and echo, skip_special=skip_special, grammar=grammar,
             ))  # fmt: skip
         return specs
 
@@ -235,6 +238,7 @@ class Llama:
         *,
         stop: Sequence[str] | str | None = None,
         logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
+        response_format: Mapping[str, Any] | Grammar | None = None,
         **sampling: Any,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Generate for a batch of token prompts with Meta's semantics: per row, the new tokens (or prompt +
@@ -242,10 +246,12 @@ class Llama:
         log-probability of each returned token under the model (position j scored by the logits at j-1).
 
         Extra keywords: ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty``,
-        ``frequency_penalty``, ``logit_bias``, ``seed``; ``stop`` strings also end a row (not returned).
+        ``frequency_penalty``, ``logit_bias``, ``seed``; ``stop`` strings also end a row (not returned);
+        ``response_format`` (OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+        {"schema": ...}}``, or a ``llama3.Grammar``) constrains every row while it is generated.
         """
         seqs = self.run(self._specs(prompt_tokens, max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
-                                    logprobs, echo, stop, logits_processors))
+                                    logprobs, echo, stop, logits_processors, response_format=response_format))
         out_tokens, out_logprobs = [], []
         for seq in seqs:
             tokens, probs = self._kept(seq, echo, logprobs)
@@ -307,8 +313,9 @@ class Llama:
     def _texts(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, kwargs):
         stop = kwargs.pop("stop", None)
         processors = kwargs.pop("logits_processors", None)
+        response_format = kwargs.pop("response_format", None)
         specs = self._specs(prompt_tokens, max_gen_len, dict(temperature=temperature, top_p=top_p, **kwargs),
-                            logprobs, echo, stop, processors)
+                            logprobs, echo, stop, processors, response_format=response_format)
         for seq in self.run(specs):
             tokens, probs = self._kept(seq, echo, logprobs)
             text = (self.tokenizer.decode(list(seq.spec.prompt)) if echo else "") + seq.text
@@ -330,12 +337,14 @@ class Llama:
         *,
         stop: Sequence[str] | str | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
+        response_format: Mapping[str, Any] | Grammar | None = None,
         **sampling: Any,
     ) -> TextStream:
         """Text increments for one prompt as tokens are generated (never half a UTF-8 character nor the
         beginning of a stop string). Stop iterating (or ``close()``) to stop generation early."""
         (spec,) = self._specs([prompt_tokens], max_gen_len, dict(temperature=temperature, top_p=top_p, **sampling),
-                              False, False, stop, [logits_processors] if logits_processors else None, skip_special=True)
+                              False, False, stop, [logits_processors] if logits_processors else None, skip_special=True,
+                              response_format=response_format)
         seq = self.sequence(spec)
         self.scheduler.add(seq, "prompt 0")
         return TextStream(self, seq)

@@ -1,7 +1,7 @@
 """One sequence being generated: what to generate (``GenerationSpec``), and its state and next-token step.
 
 ``Sequence.accept(logits)`` is the only place a token is chosen, for every front end (Meta's API, the server,
-ShopBench, the benchmarks), in this order: penalties, logit bias, logits processors, the choice (greedy, top-k,
+ShopBench, the benchmarks), in this order: penalties, logit bias, logits processors, the grammar, the choice (greedy, top-k,
 top-p, min-p, with the sequence's own generator), the token's logprob and top alternatives, then the end
 conditions: a stop token, the budget, a stop string. ``check_prompt`` is the one validation of prompt ids.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constraints.grammar import Grammar, GrammarConstraint
 from .errors import GenerationError
 from .sampling import LogitsProcessor, SamplingParams, apply_logit_bias, apply_penalties, choose
 from .tokenizer import StopStringWatch, Tokenizer
@@ -38,7 +39,8 @@ class GenerationSpec:
     ``logprobs`` reports each token's log-probability, with ``top_logprobs`` alternatives, under the model's
     raw distribution (before penalties, bias, processors and temperature: Meta's and vLLM's definition).
     ``echo_logprobs`` also scores every prompt token after the first (Meta's ``echo``). ``processors`` edit the
-    logits before each choice (constrained decoding). ``skip_special`` leaves special tokens out of the text.
+    logits before each choice; ``grammar`` then allows only what it accepts next, and a stop token only where
+    it may end (structured output). ``skip_special`` leaves special tokens out of the text.
     """
 
     prompt: Seq[int]
@@ -50,6 +52,7 @@ class GenerationSpec:
     processors: Seq[LogitsProcessor] = ()
     echo_logprobs: bool = False
     skip_special: bool = True
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Sequence:
         self._counts: torch.Tensor | None = None  # (V,) output token counts, for penalties
         self._prompt_mask: torch.Tensor | None = None  # (V,) prompt tokens, for the repetition penalty
         self._shown = 0  # characters of text already handed out by take_delta
+        self._grammar = GrammarConstraint(spec.grammar, tokenizer) if spec.grammar is not None else None
         self._sent = 0  # logprob entries already handed out
 
     @property
@@ -133,6 +137,8 @@ class Sequence:
             for proc in spec.processors:
                 edited = proc(self.generated, edited)
             row = edited[None]
+        if self._grammar is not None:
+            row = self._grammar(self.generated, row[0].clone(), spec.max_tokens - len(self.generated))[None]
         token = int(choose(row, params, self.generator)[0])
         if token in self.stop_tokens:
             self.end("stop")

@@ -421,7 +421,9 @@ INVALID = [
     ("stream_options without stream", CHAT, {"messages": HI, "stream_options": {"include_usage": True}},
      "stream_options"),
     ("n beyond capacity", CHAT, {"messages": HI, "n": BATCH + QUEUE + 1}, None),
-    ("json response_format", CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ("unknown response_format", CHAT, {"messages": HI, "response_format": {"type": "sound"}}, "response_format"),
+    ("two constraints", CHAT, {"messages": HI, "guided_regex": "a+", "grammar": "root ::= \"a\""}, "grammar"),
+    ("unenforceable schema", CHAT, {"messages": HI, "guided_json": {"type": "array", "contains": {}}}, "guided_json"),
 ]
 
 

@@ -18,6 +18,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .errors import APIError
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .structured import request_grammar
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP_STRINGS = 16
@@ -137,6 +138,7 @@ def plan(req: SamplingFields, prompts: list[list[int]], *, context: int, vocab_s
     every one is reproducible); the same request with the same seed gives the same choices."""
     include_usage = check_stream_options(req)
     stops = stop_strings(req.stop)
+    grammar = request_grammar(req)
     n = req.n or 1
     specs = []
     for p, prompt in enumerate(prompts):
@@ -146,14 +148,11 @@ def plan(req: SamplingFields, prompts: list[list[int]], *, context: int, vocab_s
             seed = None if req.seed is None else (req.seed + j) % SEED_SPACE
             params = sampling_params(req, vocab_size, seed)
             specs.append(GenerationSpec(prompt=prompt, max_tokens=limit, params=params, stop=stops,
-                                        logprobs=logprobs, top_logprobs=top_logprobs))
+                                        logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar))
     return Plan(specs, sum(len(p) for p in prompts), include_usage)
 
 
 def chat_plan(req: ChatCompletionRequest, prompt: list[int], context: int, vocab_size: int) -> Plan:
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
-                       param="response_format")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     asked, param = req.max_tokens, "max_tokens"

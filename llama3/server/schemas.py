@@ -64,6 +64,14 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="extension: keep the k likeliest tokens")
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}')
+    guided_json: dict[str, Any] | str | None = Field(None, description="extension (vLLM): a JSON schema to follow")
+    guided_regex: str | None = Field(None, description="extension (vLLM): a regular expression the whole output matches")
+    guided_choice: list[str] | None = Field(None, description="extension (vLLM): the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="extension (vLLM): a grammar, GBNF or Lark")
+    grammar: str | None = Field(None, description="extension (llama.cpp): a GBNF grammar")
+    json_schema: dict[str, Any] | None = Field(None, description="extension (llama.cpp): a JSON schema to follow")
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
@@ -73,7 +81,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
 
 
 class CompletionRequest(SamplingFields):
