@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llguidance  # noqa: E402
 
 from llama3.assets import default_model_path, llama3_tokenizer_json, llama3_tokenizer_model  # noqa: E402
-from llama3.constraints.grammar import _JSON_STYLE, grammar_tokenizer  # noqa: E402
+from llama3.constraints.grammar import JSON_STYLE, grammar_tokenizer  # noqa: E402
 from llama3.tokenizer import load_tokenizer  # noqa: E402
 
 PRODUCT = {
@@ -60,7 +60,7 @@ def time_llguidance(tokenizer, kind: str, body, ids: list[int], repeat: int) -> 
     lltok = grammar_tokenizer(tokenizer)
     start = time.perf_counter()
     if kind == "schema":
-        spec = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(body), defaults=_JSON_STYLE)
+        spec = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(body), defaults=JSON_STYLE)
     else:
         spec = llguidance.LLMatcher.grammar_from_regex(body)
     matcher = llguidance.LLMatcher(lltok, spec, log_level=0)

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import Llama3Error
-from .options import add_model_arguments, add_sampling_arguments, build_llm
+from .options import add_model_arguments, add_sampling_arguments, build_llm, output_grammar
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, max_gen_len=args.max_tokens,
+        response_format=output_grammar(args),
     )  # fmt: skip
 
 
@@ -50,9 +51,9 @@ def print_stream(stream, *, stats: bool, out=sys.stdout) -> str:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    kwargs = sampling_kwargs(args)  # first: a bad option fails before the model loads
     llm = build_llm(args)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    kwargs = sampling_kwargs(args)
     stream = llm.stream_completion(prompt, **kwargs)
     if args.echo:
         sys.stdout.write(prompt)
@@ -61,8 +62,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm = build_llm(args)
     kwargs = sampling_kwargs(args)
+    llm = build_llm(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     dialog: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty()

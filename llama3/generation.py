@@ -23,6 +23,7 @@ from .scheduler import Scheduler
 from .sequence import GenerationSpec
 from .sequence import Sequence as Generation
 from .tokenizer import Tokenizer, load_tokenizer
+from .tools import parse_tool_choice, parse_tools, read_tool_calls, tool_grammar
 
 Message = Mapping[str, str]
 Dialog = Sequence[Message]
@@ -297,12 +298,34 @@ class Llama:
         logprobs: bool = False,
         **kwargs: Any,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant -> ``[{"generation": {"role": "assistant", "content": str}}]``."""
-        prompt_tokens = [self.tokenizer.encode_dialog_prompt(d) for d in dialogs]
+        """Answer each dialog as the assistant -> ``[{"generation": {"role": "assistant", "content": str}}]``.
+
+        ``tools`` (OpenAI's list of function tools) are offered in the model's own format; ``tool_choice``
+        ("auto", "required", "none" or ``{"type": "function", "function": {"name": ...}}``) says whether it must
+        call one, held to the functions' schemas while decoding. A call comes back as ``"tool_calls": [{"id",
+        "type": "function", "function": {"name", "arguments": dict}}]`` (content ""), ready to append to the
+        dialog with the tool's answer as a ``{"role": "tool", "tool_call_id", "content"}`` message.
+        """
+        tools = parse_tools(kwargs.pop("tools")) if kwargs.get("tools") is not None else []
+        kwargs.pop("tools", None)
+        choice = parse_tool_choice(kwargs.pop("tool_choice", None), tools)
+        parallel = kwargs.pop("parallel_tool_calls", True)
+        grammar = tool_grammar(tools, choice, parallel=parallel)
+        if grammar is not None:
+            if kwargs.get("response_format") is not None:
+                raise GenerationError("response_format and tools cannot be combined unless tool_choice is 'none'")
+            kwargs["response_format"] = grammar
+        prompt_tokens = [self.tokenizer.encode_dialog_prompt(d, tools=tools or None) for d in dialogs]
         results: list[ChatPrediction] = []
         for text, tokens, probs in self._texts(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False, kwargs):
             pred = self._prediction(text, tokens, probs, logprobs)
-            results.append({**pred, "generation": {"role": "assistant", "content": pred["generation"]}})
+            message: dict[str, Any] = {"role": "assistant", "content": pred["generation"]}
+            calls = read_tool_calls(text, tools) if choice.mode != "none" else None
+            if calls:
+                message = {"role": "assistant", "content": "",
+                           "tool_calls": [{"id": c.id, "type": "function",
+                                           "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
+            results.append({**pred, "generation": message})
         return results
 
     def _encode_prompt(self, prompt: str) -> list[int]:

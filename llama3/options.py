@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from .constraints.grammar import Grammar
 from .errors import Llama3Error
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,6 +42,38 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int |
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     group.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="most tokens to generate (default: %(default)s; none = fill the context)")
     parser.add_argument("--no-stats", action="store_true", help="do not print load time and tokens/s on stderr")
+    constrain = parser.add_argument_group("output constraint (one of)").add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", "-j", default=None, metavar="SCHEMA",
+                           help="JSON matching this schema (a file, or the schema itself; '{}' is any JSON object)")
+    constrain.add_argument("--grammar", default=None, metavar="GBNF", help="llama.cpp GBNF grammar text")
+    constrain.add_argument("--grammar-file", default=None, metavar="FILE", help="llama.cpp GBNF grammar file")
+    constrain.add_argument("--regex", default=None, help="a regular expression the whole output matches")
+
+
+def output_grammar(args: argparse.Namespace) -> Grammar | None:
+    """The ``Grammar`` the constraint options ask for, or None (``Llama3Error`` naming a bad file or value)."""
+    if getattr(args, "json_schema", None) is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise Llama3Error(f"--json-schema {args.json_schema}: {exc.strerror or exc}") from None
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise Llama3Error(f"--json-schema is not valid JSON: {exc}") from None
+        return Grammar.json_object() if schema == {} else Grammar.json_schema(schema)
+    if getattr(args, "grammar_file", None) is not None:
+        try:
+            return Grammar.gbnf(Path(args.grammar_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise Llama3Error(f"--grammar-file {args.grammar_file}: {exc.strerror or exc}") from None
+    if getattr(args, "grammar", None) is not None:
+        return Grammar.gbnf(args.grammar)
+    if getattr(args, "regex", None) is not None:
+        return Grammar.regex(args.regex)
+    return None
 
 
 def build_llm(args: argparse.Namespace, *, announce: bool = True):

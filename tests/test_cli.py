@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -55,6 +57,10 @@ def test_examples_print_meta_format():
         (["complete", "hi", "--max-seq-len", "0"], "max_seq_len"),
         (["complete", "hi", "--max-tokens", "0"], "max_gen_len"),
         (["chat", "--threads", "0"], "--threads"),
+        (["complete", "hi", "--regex", "("], "regex"),
+        (["complete", "hi", "--json-schema", '{"type": "hiccup"}'], "hiccup"),
+        (["complete", "hi", "--json-schema", "/nonexistent/schema.json"], "schema.json"),
+        (["complete", "hi", "--grammar", "root ::= nowhere"], "nowhere"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, needle):
@@ -63,6 +69,18 @@ def test_bad_arguments_are_one_line_errors(args, needle):
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Loaded")]
     assert len(lines) == 1, result.stderr
     assert needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_output_constraints(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')
+    result = run("chat", "--json-schema", str(schema), "-n", "40", "-t", "0", "--no-stats", stdin="Is the sky blue?\n")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout.strip())["ok"], bool)
+    result = run("complete", "Five a's:", "--grammar", 'root ::= " " "a"{5}', "--no-stats")
+    assert result.returncode == 0 and result.stdout.strip() == "aaaaa", result.stderr
+    result = run("complete", "Numbers:", "--regex", "( [0-9]){3}", "-t", "1", "--no-stats")
+    assert result.returncode == 0 and re.fullmatch("( [0-9]){3}", result.stdout.rstrip("\n")), result.stdout
 
 
 def test_unknown_command_is_a_usage_error():

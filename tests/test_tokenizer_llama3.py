@@ -90,7 +90,8 @@ def test_meta_vectors(tok):
 
 def test_special_tokens_and_ids(tok):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (128000, 128001, -1, 128256)
-    assert tok.stop_tokens == frozenset({128001, 128009}) and tok.name == "llama3-tiktoken"
+    # <|eom_id|> (128008) too: Llama 3.1 ends a turn that awaits a tool result with it.
+    assert tok.stop_tokens == frozenset({128001, 128008, 128009}) and tok.name == "llama3-tiktoken"
     expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
                 "<|end_header_id|>": 128007, "<|reserved_special_token_4|>": 128008, "<|eot_id|>": 128009}
     expected |= {f"<|reserved_special_token_{i}|>": 128002 + i for i in range(4)}

@@ -26,7 +26,11 @@ from .tokens import TokenizerLike
 
 
 class GrammarError(GenerationError):
-    """A grammar, schema or pattern that cannot be enforced (the message names what and why)."""
+    """A grammar, schema or pattern that cannot be enforced (the message names what and why, on one line:
+    llguidance's multi-line parser reports are folded so a CLI error or an API message stays one line)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
 
 
 class _Vocabulary:
@@ -57,7 +61,7 @@ class _Vocabulary:
         return self._tokenizer.encode(text, bos=False, eos=False)
 
 
-_JSON_STYLE: llguidance.JsonCompileOptions = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+JSON_STYLE: llguidance.JsonCompileOptions = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 _LOCK = threading.Lock()
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
 
@@ -96,7 +100,7 @@ class Grammar:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"a JSON schema must be an object or a boolean, not {type(schema).__name__}")
         try:
-            spec = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_STYLE)
+            spec = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
         except (ValueError, TypeError) as exc:
             raise GrammarError(f"the JSON schema cannot be enforced: {exc}") from None
         return cls._checked("json_schema", spec)
@@ -185,12 +189,22 @@ class Grammar:
 
 # Budget-aware closing: within this many tokens of max_tokens, the constraint estimates how many tokens the
 # shortest way out of the grammar takes and, once that no longer fits with a small margin, allows only tokens
-# that close what is open wherever the grammar allows any: first a quote or bracket (or a stop token), then a
-# comma (the way to an object's remaining keys), then a lone zero (the shortest number). Without it a small
-# model that repeats itself inside a string, a number or an array is cut mid-JSON by max_tokens.
+# that close what is open wherever the grammar allows any, in this order of preference: a quote first (inside a
+# string only a quote closes it, while a bracket there is just text), then a closing bracket, then a comma (the
+# way to an object's remaining keys), then a lone zero (the shortest number). Without it a small model that
+# repeats itself inside a string, a number or an array is cut mid-JSON by max_tokens.
 CLOSING_HORIZON = 64
 CLOSING_MARGIN = 2
-_CLOSING_CLASSES = (frozenset(b'"]}'), frozenset(b","), frozenset(b"0"))
+
+
+def _closing_class(data: bytes, rank: int) -> bool:
+    if not data:
+        return False
+    if rank == 0:
+        return data[:1] == b'"' and set(data) <= set(b'"]}')
+    if rank == 1:
+        return set(data) <= set(b"]}")
+    return data == (b"," if rank == 2 else b"0")
 
 
 class _TokenFacts:
@@ -200,12 +214,10 @@ class _TokenFacts:
         vocabulary = _Vocabulary(tokenizer)
         special = set(vocabulary.special_token_ids)
         self.length = np.array([0 if i in special else len(b) for i, b in enumerate(vocabulary.tokens)], dtype=np.int32)
-        self.classes = []
-        for alphabet in _CLOSING_CLASSES:
-            members = np.array([i not in special and bool(b) and set(b) <= alphabet for i, b in enumerate(vocabulary.tokens)],
-                               dtype=np.bool_)
-            self.classes.append(members)
-        self.classes[0][sorted(tokenizer.stop_tokens)] = True
+        self.classes = [
+            np.array([i not in special and _closing_class(b, rank) for i, b in enumerate(vocabulary.tokens)], dtype=np.bool_)
+            for rank in range(4)
+        ]
 
     def closing(self, allowed: np.ndarray) -> np.ndarray | None:
         """The allowed tokens of the first closing class that has any, or None."""
@@ -262,11 +274,11 @@ class GrammarConstraint:
         """(vocab,) bool: the tokens the grammar accepts next (stop tokens where it may end)."""
         return torch.from_numpy(self._allowed(self._matcher))
 
-    def tokens_to_finish(self, limit: int) -> int:
+    def tokens_to_finish(self, limit: int, matcher: llguidance.LLMatcher | None = None) -> int:
         """Tokens a greedy closing walk needs before a stop token is allowed (``limit + 1`` if more than
         ``limit``): at each step the longest token of the first closing class allowed, else the longest allowed."""
         facts = self._facts = self._facts or _token_facts(self._tokenizer)
-        matcher = self._matcher.deep_copy()
+        matcher = (matcher or self._matcher).deep_copy()
         for steps in range(limit + 1):
             if matcher.is_stopped() or matcher.is_accepting():
                 return steps
@@ -278,6 +290,22 @@ class GrammarConstraint:
             matcher.consume_token(int(lengths.argmax()))
         return limit + 1
 
+    def _closing_choice(self, allowed: np.ndarray, limit: int) -> np.ndarray | None:
+        """Of the closing classes allowed now, the one whose longest token leads to the quickest finish (a
+        quote closes a string but opens a key where a brace would close the object: one step of lookahead)."""
+        facts = self._facts = self._facts or _token_facts(self._tokenizer)
+        best, best_steps = None, limit + 2
+        for members in facts.classes:
+            chosen = allowed & members
+            if not chosen.any():
+                continue
+            matcher = self._matcher.deep_copy()
+            matcher.consume_token(int(np.where(chosen, facts.length, 0).argmax()))
+            steps = 1 + self.tokens_to_finish(limit, matcher)
+            if steps < best_steps:
+                best, best_steps = chosen, steps
+        return best
+
     def __call__(self, generated: Sequence[int], logits: torch.Tensor, remaining: int | None = None) -> torch.Tensor:
         """Mask ``logits`` (V,) in place to what may follow ``generated``; ``remaining`` is the token budget
         left (None: unlimited), which switches on closing near the end."""
@@ -286,10 +314,11 @@ class GrammarConstraint:
                 raise GrammarError(f"token {token} breaks the {self.grammar.kind}: {self._matcher.get_error()}")
         self._consumed = len(generated)
         allowed = self._allowed(self._matcher)
-        if remaining is not None and remaining <= CLOSING_HORIZON and not self._matcher.is_stopped():
+        # An accepting grammar may simply stop (or run to the budget, reported as "length"): nothing to close.
+        if remaining is not None and remaining <= CLOSING_HORIZON and not self._matcher.is_accepting():
             # The stop token itself must fit too: finishing in remaining - 1 tokens leaves one step for it.
             if self.tokens_to_finish(remaining) + CLOSING_MARGIN >= remaining - 1:
-                closing = (self._facts or _token_facts(self._tokenizer)).closing(allowed)
+                closing = self._closing_choice(allowed, remaining)
                 if closing is not None:
                     allowed = closing
         logits[self._vocab :] = -torch.inf  # padded embedding rows are never real tokens

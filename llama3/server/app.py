@@ -35,6 +35,7 @@ from .protocol import (
     usage,
 )  # fmt: skip
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .tool_calls import ChatTools
 
 DISCONNECT_POLL_S = 0.25
 
@@ -157,7 +158,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
                 yield sse(error_body(error.message, error.type, code=error.code))
                 continue
             if delta.text or delta.logprobs or finish_reason(delta):
-                yield sse(make(index, delta))
+                event = make(index, delta)
+                if event is not None:  # None: nothing to send yet (text held back)
+                    yield sse(event)
             if delta.finish_reason is not None:
                 completion_tokens += delta.completion_tokens
         if plan.include_usage:
@@ -185,27 +188,38 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI API)")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         dialog = dialog_from_messages(req.messages)
+        tools = ChatTools.of(req)
         try:
-            prompt = await asyncio.to_thread(tokenizer.encode_dialog_prompt, dialog)
+            prompt = await asyncio.to_thread(tokenizer.encode_dialog_prompt, dialog, tools=tools.tools or None)
         except TokenizerError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        plan = chat_plan(req, prompt, engine.max_seq_len, engine.vocab_size)
+        plan = chat_plan(req, prompt, engine.max_seq_len, engine.vocab_size, tool_grammar=tools.grammar)
         submission = submit(plan)
         rid, stamp = new_id("chatcmpl"), now()
         base = {"id": rid, "created": stamp, "model": model_name}
 
         if req.stream:
             extra = {"usage": None} if plan.include_usage else {}
+            calls = [tools.stream() for _ in plan.specs]
 
-            def chunk(index: int | None, delta, content: dict | None = None) -> dict[str, Any]:
+            def chunk(index: int | None, delta, content: dict | None = None) -> dict[str, Any] | None:
                 if index is None:
                     return {**base, "object": "chat.completion.chunk"}
+                finish = finish_reason(delta) if delta is not None else None
                 if content is None:
-                    content = {"content": delta.text} if (delta.text or delta.logprobs) else {}
+                    text = calls[index].feed(delta.text)
+                    content = {"content": text} if text or delta.logprobs else {}
+                    if finish is not None:
+                        held, tool_calls = calls[index].finish()
+                        if tool_calls:
+                            content, finish = {"tool_calls": tool_calls}, "tool_calls"
+                        elif held:
+                            content = {"content": content.get("content", "") + held}
                 logprobs = delta.logprobs if delta is not None and req.logprobs else None
+                if not content and not logprobs and finish is None:
+                    return None  # a held-back tool call: nothing to send yet
                 choice = {"index": index, "delta": content,
-                          "logprobs": formatter.chat(logprobs) if logprobs else None,
-                          "finish_reason": finish_reason(delta) if delta is not None else None}
+                          "logprobs": formatter.chat(logprobs) if logprobs else None, "finish_reason": finish}
                 return {**base, "object": "chat.completion.chunk", "choices": [choice], **extra}
 
             def opening(index: int) -> dict[str, Any]:
@@ -214,13 +228,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
             return streaming(chunks(submission, plan, chunk, opening), submission)
 
         choices = await collect(request, submission)
+        answers = [tools.message(c.text, c.finish) for c in choices]
         return {
             **base,
             "object": "chat.completion",
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text},
-                 "logprobs": formatter.chat(c.logprobs) if req.logprobs else None, "finish_reason": c.finish}
-                for i, c in enumerate(choices)
+                {"index": i, "message": message,
+                 "logprobs": formatter.chat(c.logprobs) if req.logprobs else None, "finish_reason": finish}
+                for i, (c, (message, finish)) in enumerate(zip(choices, answers))
             ],
             "usage": usage(plan.prompt_tokens, sum(c.tokens for c in choices)),
         }

@@ -6,12 +6,14 @@ Everything here is pure (no I/O): the routes in ``app.py`` call these to validat
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..constraints.grammar import Grammar
 from ..engine import Delta, GenerationSpec, TokenLogprob
 from ..errors import Llama3Error
 from ..sampling import SamplingParams
@@ -33,25 +35,54 @@ def now() -> int:
     return int(time.time())
 
 
-def dialog_from_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """OpenAI messages -> the tokenizer's dialog; text content parts are joined, anything else is a 400."""
-    dialog = []
+def dialog_from_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the tokenizer's dialog; text content parts are joined, assistant tool calls get their
+    arguments parsed (a JSON object each), tool results keep their call id; anything else is a 400."""
+    dialog: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         role = ROLES[message.role]  # the schema admits only these roles
         content = message.content
+        if message.tool_calls:
+            if role != "assistant":
+                raise APIError(400, f"messages[{i}] ({message.role}): only assistant messages carry tool_calls",
+                               param=f"messages[{i}].tool_calls")
+            entry: dict[str, Any] = {"role": role, "content": _text(content, i) if content is not None else None,
+                                     "tool_calls": [_call(call, i, j) for j, call in enumerate(message.tool_calls)]}
+            dialog.append(entry)
+            continue
         if content is None:
-            raise APIError(400, f"messages[{i}] ({message.role}) has no content (tool calls are not supported)",
-                           param=f"messages[{i}].content")
-        if not isinstance(content, str):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}",
-                                   param=f"messages[{i}].content[{j}].type")
-                texts.append(part.text)
-            content = "".join(texts)
-        dialog.append({"role": role, "content": content})
+            raise APIError(400, f"messages[{i}] ({message.role}) has no content", param=f"messages[{i}].content")
+        entry = {"role": role, "content": _text(content, i)}
+        if role == "tool" and message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        dialog.append(entry)
     return dialog
+
+
+def _text(content: str | list[Any], i: int) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}",
+                           param=f"messages[{i}].content[{j}].type")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _call(call: Any, i: int, j: int) -> dict[str, Any]:
+    where = f"messages[{i}].tool_calls[{j}].function.arguments"
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"{where} is not valid JSON: {exc}", param=where) from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where} must be a JSON object", param=where)
+    out: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    if call.id:
+        out["id"] = call.id
+    return out
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -133,12 +164,18 @@ class Plan:
 
 
 def plan(req: SamplingFields, prompts: list[list[int]], *, context: int, vocab_size: int,
-         max_tokens: int | None, max_param: str, prompt_param: str, logprobs: bool, top_logprobs: int) -> Plan:
+         max_tokens: int | None, max_param: str, prompt_param: str, logprobs: bool, top_logprobs: int,
+         tool_grammar: Grammar | None = None) -> Plan:
     """Specs for ``n`` choices of each prompt. Seeded choices use seed, seed + 1, ... (so each differs but
     every one is reproducible); the same request with the same seed gives the same choices."""
     include_usage = check_stream_options(req)
     stops = stop_strings(req.stop)
     grammar = request_grammar(req)
+    if tool_grammar is not None:
+        if grammar is not None:
+            raise APIError(400, "an output constraint (response_format, guided_*, grammar) and tools cannot be combined "
+                           "unless tool_choice is \"none\"", param="tool_choice")
+        grammar = tool_grammar
     n = req.n or 1
     specs = []
     for p, prompt in enumerate(prompts):
@@ -152,7 +189,8 @@ def plan(req: SamplingFields, prompts: list[list[int]], *, context: int, vocab_s
     return Plan(specs, sum(len(p) for p in prompts), include_usage)
 
 
-def chat_plan(req: ChatCompletionRequest, prompt: list[int], context: int, vocab_size: int) -> Plan:
+def chat_plan(req: ChatCompletionRequest, prompt: list[int], context: int, vocab_size: int,
+              tool_grammar: Grammar | None = None) -> Plan:
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     asked, param = req.max_tokens, "max_tokens"
@@ -162,7 +200,8 @@ def chat_plan(req: ChatCompletionRequest, prompt: list[int], context: int, vocab
                            param="max_completion_tokens")
         asked, param = req.max_completion_tokens, "max_completion_tokens"
     return plan(req, [prompt], context=context, vocab_size=vocab_size, max_tokens=asked, max_param=param,
-                prompt_param="messages", logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+                prompt_param="messages", logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+                tool_grammar=tool_grammar)
 
 
 def completion_plan(req: CompletionRequest, prompts: list[list[int]], context: int, vocab_size: int) -> Plan:

@@ -34,12 +34,29 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, in a string (OpenAI's form)")
+
+
+class ToolCallIn(BaseModel):
+    """A tool call an assistant message made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="who speaks (developer is read as system)")
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="on assistant messages: the calls it made")
+    tool_call_id: str | None = Field(None, description="on tool messages: the call this result answers")
 
 
 class SamplingFields(BaseModel):
@@ -78,6 +95,10 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = Field(None, description='function tools: {"type": "function", "function": {...}}')
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"none", "auto" (default with tools), "required", or {"type": "function", "function": {"name"}}')
+    parallel_tool_calls: bool | None = Field(None, description="allow several calls in one answer (default true)")
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None

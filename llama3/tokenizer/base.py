@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Collection, Mapping, Sequence
-from typing import AbstractSet, Literal, Union
+from typing import TYPE_CHECKING, AbstractSet, Literal, Union
 
 from ..errors import TokenizerError
+
+if TYPE_CHECKING:
+    from ..tools import Tool
 
 Message = Mapping[str, str]
 Dialog = Sequence[Message]
@@ -57,6 +60,18 @@ def check_dialog(dialog: Dialog) -> None:
         if role not in ROLES:
             raise TokenizerError(f"dialog[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
         content = message.get("content")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)) or not calls:
+                raise TokenizerError(f"dialog[{i}] ({role}): tool_calls must be a non-empty list on an assistant message")
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, Mapping) else None
+                if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+                    raise TokenizerError(f"dialog[{i}].tool_calls[{j}] needs a function with a name")
+                if not isinstance(function.get("arguments"), Mapping):
+                    raise TokenizerError(f"dialog[{i}].tool_calls[{j}].function.arguments must be an object")
+            if content is None:
+                continue
         if not isinstance(content, str):
             raise TokenizerError(f"dialog[{i}] ({role}): content must be a string, got {type(content).__name__}")
 
@@ -111,8 +126,11 @@ class Tokenizer(abc.ABC):
         """Raw bytes of one token (a special token's bytes are its text), for streaming and logprob output."""
 
     @abc.abstractmethod
-    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for a chat. Message text never becomes a control token.
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True,
+                             tools: Sequence[Tool] | None = None) -> list[int]:
+        """Prompt ids for a chat. Message text never becomes a control token. ``tools`` (``llama3.tools.Tool``)
+        are offered to the model in its own format; the dialog may hold assistant ``tool_calls`` and ``tool``
+        results (see ``check_dialog``).
 
         With ``add_generation_prompt`` the prompt ends with the assistant header the model answers after.
         Without it, a dialog whose last message is the assistant's is left open (no end-of-turn) so the

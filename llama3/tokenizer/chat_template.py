@@ -113,10 +113,10 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_template(source: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
-                    variables: Mapping[str, Any]) -> str:
+                    variables: Mapping[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
     """Render ``source`` for ``messages`` exactly as transformers' ``apply_chat_template(tokenize=False)``."""
     template = compile_template(source)
-    context = {**variables, "tools": None, "documents": None}
+    context = {**variables, "tools": tools or None, "documents": None}
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
     except jinja2.exceptions.SecurityError as exc:
@@ -193,15 +193,17 @@ def _control_patterns(controls: tuple[str, ...]) -> tuple[re.Pattern[str] | None
 
 
 def render_chat(source: str, dialog: Dialog, *, control_texts: Sequence[str], add_generation_prompt: bool,
-                continue_final: bool, variables: Mapping[str, Any]) -> RenderedChat:
+                continue_final: bool, variables: Mapping[str, Any],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> RenderedChat:
     """Render ``dialog`` with ``source``, tracking message text that looks like control tokens (module docstring).
 
     ``continue_final``: leave the last message open (HF's ``continue_final_message``): render, then cut the
     prompt where that message's text ends.
     """
     messages = [_plain(m) for m in dialog]
+    tool_list = [_plain(t) for t in tools or ()]
     control_re, prefixes, suffixes, longest = _control_patterns(tuple(sorted(set(control_texts))))
-    opener, closer, cut, cont = _pick_markers(_strings(messages) + _strings(dict(variables)) + [source], 4)
+    opener, closer, cut, cont = _pick_markers(_strings(messages) + _strings(tool_list) + _strings(dict(variables)) + [source], 4)
     originals: list[str] = []
 
     def substitute(m: re.Match[str]) -> str:
@@ -224,10 +226,12 @@ def render_chat(source: str, dialog: Dialog, *, control_texts: Sequence[str], ad
         return text
 
     messages = [mark(m) for m in messages]
+    tool_list = [mark(t) for t in tool_list]  # tool descriptions are user text too
     if continue_final:
         # A trailing space after the marker tells us whether the template keeps trailing whitespace (HF's test).
         messages[-1]["content"] = messages[-1]["content"] + cont + " "
-    text = render_template(source, messages, add_generation_prompt=add_generation_prompt, variables=variables)
+    text = render_template(source, messages, add_generation_prompt=add_generation_prompt, variables=variables,
+                           tools=tool_list)
     if continue_final:
         at = text.rfind(cont)
         if at < 0:

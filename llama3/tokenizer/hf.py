@@ -19,6 +19,7 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from ..errors import TokenizerError
+from ..tools import Tool, plain_tool_dialog
 from .base import (
     END_OF_TURN_TEXTS,
     Dialog,
@@ -224,21 +225,33 @@ class HFTokenizer(Tokenizer):
         return id in self._special_ids
 
     # -- chat --------------------------------------------------------------------------------------------
-    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True,
+                             tools: Sequence[Tool] | None = None) -> list[int]:
         """The model's chat template, rendered in a sandbox; without one, Llama 3's format for a Llama 3
         vocabulary, else ChatML (llama.cpp's fallback).
 
         Benign dialogs give exactly transformers' ``apply_chat_template`` ids. Control-token text inside
         messages is encoded as plain text (see ``chat_template``); the template's own tokens stay tokens.
+        ``tools`` go to a template that uses them (as transformers' ``tools=``); a template that does not
+        gets them described in the system message, with calls and results as plain turns.
         """
         check_dialog(dialog)
+        source = self.chat_template or default_chat_template(self.special_token_ids)
+        tool_turns = any(m.get("tool_calls") or m["role"] in ("tool", "ipython") for m in dialog)
+        openai_tools = None
+        # A template that never mentions tools (or tool calls) would drop them: describe them in plain turns.
+        if (tools and "tools" not in source) or (tool_turns and "tool_calls" not in source):
+            dialog = plain_tool_dialog(dialog, tools or ())
+        elif tools:
+            openai_tools = [t.openai() for t in tools]
         rendered = render_chat(
-            self.chat_template or default_chat_template(self.special_token_ids),
+            source,
             dialog,
             control_texts=tuple(self.special_token_ids),
             add_generation_prompt=add_generation_prompt,
             continue_final=continues_last_message(dialog, add_generation_prompt),
             variables=self.template_vars,
+            tools=openai_tools,
         )
         if not rendered.marked:
             return self._encode_raw(rendered.text, specials=True, plain=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import tiktoken
 
 from ..errors import TokenizerError
+from ..tools import Tool, call_text
 from .base import (
     Dialog,
     Message,
@@ -35,6 +37,18 @@ NUM_RESERVED_SPECIAL_TOKENS = 256
 # tiktoken slows down badly on huge inputs and on very long runs of (non-)whitespace, hence Meta's limits.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+# Llama 3.1's tool-calling prompt (Meta's prompt format documentation, "JSON based tool calling").
+EOM_ID = 128008
+PYTHON_TAG_ID = 128010
+LLAMA31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
 
 
 def special_token_names() -> list[str]:
@@ -119,7 +133,10 @@ class Llama3Tokenizer(Tokenizer):
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
         self.pad_id = -1
-        self.stop_tokens = frozenset({self.eos_id, self.eot_id})
+        # Llama 3.1 names id 128008 <|eom_id|> ("end of message": a tool result is awaited) and ends such turns
+        # with it; earlier models never produce it, so it is a stop token for every Llama 3 checkpoint.
+        self.eom_id = EOM_ID
+        self.stop_tokens = frozenset({self.eos_id, self.eot_id, self.eom_id})
         self.path = path
 
     def encode(
@@ -162,8 +179,9 @@ class Llama3Tokenizer(Tokenizer):
     def is_special(self, id: int) -> bool:
         return self.n_base <= id < self.n_words
 
-    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
-        return ChatFormat(self).encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt)
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True,
+                             tools: Sequence[Tool] | None = None) -> list[int]:
+        return ChatFormat(self).encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 class ChatFormat:
@@ -188,12 +206,48 @@ class ChatFormat:
             ids.append(self.tokenizer.eot_id)
         return ids
 
-    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_dialog_prompt(self, dialog: Dialog, *, add_generation_prompt: bool = True,
+                             tools: Sequence[Tool] | None = None) -> list[int]:
+        """Meta's Llama 3 format; with ``tools``, or tool calls and results in the dialog, Llama 3.1's."""
         check_dialog(dialog)
+        if tools or any(m.get("tool_calls") or m["role"] in ("tool", "ipython") for m in dialog):
+            return self._encode_with_tools(dialog, tools or (), add_generation_prompt)
         open_last = continues_last_message(dialog, add_generation_prompt)
         ids = [self.tokenizer.bos_id]
         for i, message in enumerate(dialog):
             ids.extend(self.encode_message(message, close=not (open_last and i == len(dialog) - 1)))
         if add_generation_prompt:
             ids.extend(self.encode_header({"role": "assistant", "content": ""}))
+        return ids
+
+    def _encode_with_tools(self, dialog: Dialog, tools: Sequence[Tool], add_generation_prompt: bool) -> list[int]:
+        """Llama 3.1's JSON tool calling (Meta's documented prompt format, custom tools in the first user
+        message): "Environment: ipython" and the knowledge dates in the system turn, the function definitions
+        before the first question, calls as {"name", "parameters"} JSON, results in ``ipython`` turns."""
+        tok = self.tokenizer
+        messages = list(dialog)
+        system = messages.pop(0)["content"].strip() if messages and messages[0]["role"] == "system" else ""
+        ids = [tok.bos_id]
+        header = ("Environment: ipython\n" if tools else "") + LLAMA31_DATES
+        ids += self.encode_header({"role": "system"}) + tok.encode(header + system, bos=False, eos=False) + [tok.eot_id]
+        if tools:
+            if not messages or messages[0]["role"] != "user":
+                raise TokenizerError("tools go with the first user message, and this dialog has none after the system message")
+            first = messages.pop(0)["content"].strip()
+            definitions = "".join(json.dumps(t.openai(), indent=4, ensure_ascii=False) + "\n\n" for t in tools)
+            ids += self.encode_header({"role": "user"}) + tok.encode(LLAMA31_TOOLS_PREAMBLE + definitions + first,
+                                                                     bos=False, eos=False) + [tok.eot_id]
+        for message in messages:
+            if message.get("tool_calls"):
+                if len(message["tool_calls"]) != 1:
+                    raise TokenizerError("Llama 3.1 writes one tool call per assistant message")
+                text = call_text(message["tool_calls"][0])
+                ids += self.encode_header({"role": "assistant"}) + tok.encode(text, bos=False, eos=False) + [tok.eot_id]
+            elif message["role"] in ("tool", "ipython"):
+                ids += self.encode_header({"role": "ipython"}) + tok.encode(message["content"], bos=False, eos=False)
+                ids.append(tok.eot_id)
+            else:
+                ids += self.encode_message(message)
+        if add_generation_prompt:
+            ids += self.encode_header({"role": "assistant"})
         return ids
