@@ -23,7 +23,7 @@ from llama3.assets import default_model_path, llama3_tokenizer_model
 from llama3.constraints.grammar import GrammarConstraint
 from llama3.tokenizer import load_tokenizer
 
-from test_server import AUTH, CHAT, COMP, KEY, client, server  # noqa: F401 - the server fixtures
+from test_server import AUTH, CHAT, client, server  # noqa: F401 - the server fixtures
 
 # -- masks against brute force ------------------------------------------------------------------------
 

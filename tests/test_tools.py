@@ -17,7 +17,7 @@ import pytest
 from llama3 import Llama
 from llama3.assets import llama3_tokenizer_model
 from llama3.tokenizer import load_tokenizer
-from llama3.tools import ToolChoice, parse_tool_choice, parse_tools, read_tool_calls, ToolError
+from llama3.tools import ToolChoice, ToolError, parse_tool_choice, parse_tools, read_tool_calls
 
 from test_server import AUTH, CHAT, client, server  # noqa: F401 - the server fixtures
 
