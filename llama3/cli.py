@@ -156,6 +156,16 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if chosen == name:
             _attach(p, module)
 
+    finetune = sub.add_parser("finetune", help="train a LoRA adapter (SFT or DPO) on a JSONL file")
+    export = sub.add_parser("export", help="merge a LoRA adapter into the model and write a Hugging Face directory")
+    if chosen in ("finetune", "export"):
+        from .finetune import cli as finetune_cli
+
+        finetune_cli.add_arguments(finetune)
+        finetune.set_defaults(func=finetune_cli.run)
+        finetune_cli.add_export_arguments(export)
+        export.set_defaults(func=finetune_cli.run_export)
+
     evaluate = sub.add_parser("eval", help="evaluate on a benchmark")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
     shop = tasks.add_parser("shopbench", help="ShopBench (Amazon KDD Cup 2024) multi-task shopping questions")

@@ -124,12 +124,14 @@ class Llama:
         quantize: str | None = "auto",
         default_max_seq_len: int = 2048,
         prefix_cache: bool = True,
+        lora: str | Path | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta dir, Hugging Face dir or .gguf file; None = the default model) and tokenizer.
 
         The tokenizer is found in the checkpoint when ``tokenizer_path`` is None. ``max_seq_len`` None takes
         ``default_max_seq_len`` or the model's context length, whichever is smaller; an explicit value beyond
-        the model's context is an error.
+        the model's context is an error. ``lora``: a LoRA adapter directory (PEFT's format) applied to every
+        generation.
         """
         if model_parallel_size not in (None, 1):
             raise GenerationError(
@@ -140,6 +142,11 @@ class Llama:
         path = Path(ckpt_dir).expanduser() if ckpt_dir is not None else default_model_path()
         torch.manual_seed(seed)  # Meta seeds the global RNG too; anything outside our generator stays reproducible
         model = load_model(path, device=device, dtype=dtype, quantize=quantize)
+        if lora is not None:
+            from .lora import adapters, load_adapter
+
+            load_adapter(model, Path(lora).expanduser(), "default")
+            adapters(model).use("default")
         tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else path)
         if tokenizer.n_words > model.config.vocab_size:
             raise GenerationError(

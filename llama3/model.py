@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeScaling
 
@@ -196,6 +197,8 @@ class Transformer(nn.Module):
         self.cache_len = 0
         # Installed by loaders whose weights have one (quantized CPU models); None runs the layers as written.
         self.decode_kernel: DecodeKernel | None = None
+        # Recompute each layer's activations in the backward pass instead of keeping them (fine-tuning memory).
+        self.gradient_checkpointing = False
         # The decoding front end whose sequences the KV cache holds (a scheduler's prefix cache trusts it only
         # while it stays the owner); reset whenever the cache is reallocated.
         self.kv_owner: object | None = None
@@ -291,8 +294,12 @@ class Transformer(nn.Module):
             h = kernel(self, h, positions[:, 0], cache_rows)
         else:
             rope, mask, kv_len = self._attention_inputs(start_pos, positions, kv_len)
+            recompute = self.gradient_checkpointing and torch.is_grad_enabled()
             for layer in self.layers:
-                h = layer(h, rope, positions, mask, kv_len, cache_rows)
+                if recompute:
+                    h = checkpoint(layer, h, rope, positions, mask, kv_len, cache_rows, use_reentrant=False)
+                else:
+                    h = layer(h, rope, positions, mask, kv_len, cache_rows)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

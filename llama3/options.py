@@ -27,6 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    group.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter (PEFT directory) to apply")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int | None) -> None:
@@ -96,7 +97,7 @@ def build_llm(args: argparse.Namespace, *, announce: bool = True):
     llm = Llama.build(
         args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
         device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
-        default_max_seq_len=args.default_max_seq_len,
+        default_max_seq_len=args.default_max_seq_len, lora=getattr(args, "lora", None),
     )  # fmt: skip
     if announce and not getattr(args, "no_stats", False):
         name = args.model or "default model (SmolLM2-135M-Instruct)"

@@ -56,12 +56,17 @@ class FusedDecode:
 
     def usable(self, model: Transformer, h: torch.Tensor) -> bool:
         """Whether this call can run fused: float32 rows, the same weights as at build, a float32 CPU cache,
-        and nothing to differentiate (the native op has no backward)."""
+        nothing to differentiate (the native op has no backward), and no LoRA adapter engaged."""
         cache = model.layers[0].attention.cache
+        wq = model.layers[0].attention.wq
+        # An adapter wrapper (llama3.lora) keeps the base module as ``base``: the kernel reads the base weights, so
+        # it runs only while no adapter adds its term.
+        adapters = getattr(model, "adapters", None)
         return (
             h.dtype == torch.float32
             and not (torch.is_grad_enabled() and (h.requires_grad or self.weights[0].requires_grad))
-            and model.layers[0].attention.wq.blocks is self._anchor
+            and getattr(getattr(wq, "base", wq), "blocks", None) is self._anchor
+            and (adapters is None or not adapters.engaged())
             and cache is not None
             and cache.k.dtype == torch.float32
             and cache.k.device.type == "cpu"

@@ -57,9 +57,30 @@ class QuantLinear(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Fine-tuning an adapter above or below this frozen matrix needs the gradient of its input.
+            return _QuantLinearFunction.apply(x, self)
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:  # the op flattens, casts and restores x's shape and dtype itself
             return native.qmatmul(x, self.blocks, self.ggml_type, self.in_features)
         return self._portable(x.reshape(-1, self.in_features)).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out (..., N) @ W: the gradient of the input, decoding W one slab of rows at a time."""
+        g = grad_out.reshape(-1, self.out_features).float()
+        rows = max(1, _PORTABLE_SLAB_BYTES // (4 * self.in_features))
+        out = torch.zeros(g.shape[0], self.in_features, dtype=torch.float32, device=g.device)
+        for i in range(0, self.out_features, rows):
+            out.addmm_(g[:, i : i + rows], self._dequantized_rows(i, min(i + rows, self.out_features)))
+        return out.to(grad_out.dtype).view(*grad_out.shape[:-1], self.in_features)
+
+    def _dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
+        blocks = self.blocks[start:stop]
+        if self.native:
+            return native.dequantize(blocks, self.ggml_type, self.in_features)
+        return dequantize_rows(blocks, self.ggml_type).float()
 
     def _portable(self, x2: torch.Tensor) -> torch.Tensor:
         # CPU BLAS is slow in bfloat16/float16 without AVX512-BF16, so CPU computes in float32.
@@ -81,6 +102,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "native" if self.native else "portable"
         return f"in_features={self.in_features}, out_features={self.out_features}, {_type_name(self.ggml_type)}, {kind}"
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """x @ W^T with a frozen quantized W: forward through the kernels, backward by dequantize-and-multiply."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.module = module
+        return module._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        return ctx.module.input_grad(grad_out), None
 
 
 class QuantEmbedding(nn.Module):
