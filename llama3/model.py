@@ -253,6 +253,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         kv_len: int | None = None,
         cache_rows: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for ``tokens`` (B, T) placed at ``start_pos``.
 
@@ -262,6 +263,8 @@ class Transformer(nn.Module):
         ``last_only`` computes logits for the final position only, which is all decoding needs.
         ``cache_rows`` (B,) maps batch rows to KV-cache rows (continuous batching: a new request is prefilled
         into a free slot while others are mid-generation); default: batch row i uses cache row i.
+        ``hidden`` returns the final normalised hidden states (B, T, dim) instead, for callers that need logits
+        at a few positions only (fine-tuning losses: ``self.output(h[selected])``).
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -302,4 +305,5 @@ class Transformer(nn.Module):
                     h = layer(h, rope, positions, mask, kv_len, cache_rows)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return h if hidden else self.output(h).float()

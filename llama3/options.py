@@ -13,8 +13,9 @@ from .errors import Llama3Error
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2048, max_batch_size: int = 1) -> None:
-    """Options shared by every command that loads a model."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2048, max_batch_size: int = 1,
+                        many_adapters: bool = False) -> None:
+    """Options shared by every command that loads a model (``many_adapters``: ``--lora NAME=DIR`` repeatable)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face dir or a Meta dir (default: SmolLM2-135M-Instruct)")
     group.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
@@ -27,7 +28,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    group.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter (PEFT directory) to apply")
+    if many_adapters:
+        group.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                           help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
+    else:
+        group.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter (PEFT directory) to apply")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int | None) -> None:
@@ -97,7 +102,7 @@ def build_llm(args: argparse.Namespace, *, announce: bool = True):
     llm = Llama.build(
         args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
         device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
-        default_max_seq_len=args.default_max_seq_len, lora=getattr(args, "lora", None),
+        default_max_seq_len=args.default_max_seq_len, lora=args.lora if isinstance(args.lora, str) else None,
     )  # fmt: skip
     if announce and not getattr(args, "no_stats", False):
         name = args.model or "default model (SmolLM2-135M-Instruct)"

@@ -17,12 +17,18 @@ prompt starts with those tokens (the previous turn of a chat, a shared system pr
 that slot and prefills only the rest. Only whole chunks computed by prefill at the same offsets are reused,
 so a hit gives exactly the numbers of a cold prefill; decode-written positions and partial chunks are
 recomputed. Without a hit, the least recently used free slot is taken.
+
+LoRA adapters: each sequence runs with its own (``GenerationSpec.adapter``, else the model's engaged one), rows
+of one decode step with different adapters alike; a slot's cached chunks are reused only by a sequence with
+the adapter that computed them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +48,7 @@ class _Slot:
     """One KV-cache row: the sequence in it, and the prompt tokens whose prefilled chunks it still holds."""
 
     cached: list[int] = field(default_factory=list)  # tokens of whole prefilled chunks at positions 0..len-1
+    cached_adapter: str | None = None  # the LoRA adapter those chunks were computed with
     last_used: int = 0  # when its last sequence left (least recently used free slots are overwritten first)
     admitted: int = 0  # when its sequence came in (older prompts are prefilled first)
     seq: Sequence | None = None
@@ -82,6 +89,25 @@ class Scheduler:
         self.prefix_tokens = 0  # prompt tokens not prefilled thanks to the cache
         self.claim()
 
+    def _adapter(self, seq: Sequence) -> str | None:
+        router = getattr(self.model, "adapters", None)
+        if router is None:
+            return None
+        return seq.spec.adapter if seq.spec.adapter is not None else router.active
+
+    @contextmanager
+    def _route(self, rows: list[Sequence | None]) -> Iterator[None]:
+        """Run the block's forward with each row's adapter (rows without a sequence: none)."""
+        router = getattr(self.model, "adapters", None)
+        if router is None:
+            yield
+            return
+        router.use_rows([None if seq is None else self._adapter(seq) for seq in rows])
+        try:
+            yield
+        finally:
+            router.use_rows(None)
+
     def claim(self) -> None:
         """Make the model's KV cache this scheduler's. If another front end used it meanwhile (or it was
         reallocated), nothing this one cached is there any more."""
@@ -98,6 +124,11 @@ class Scheduler:
         """Raise ``GenerationError`` for a prompt or budget this scheduler can never serve."""
         spec = seq.spec
         check_prompt(spec.prompt, self.max_seq_len, self.vocab_size, name)
+        if spec.adapter is not None:
+            router = getattr(self.model, "adapters", None)
+            if router is None or spec.adapter not in router.configs:
+                known = ", ".join(sorted(router.configs)) if router is not None else ""
+                raise GenerationError(f"no LoRA adapter named {spec.adapter!r} (loaded: {known or 'none'})")
         room = self.max_seq_len - len(spec.prompt)
         if not 1 <= spec.max_tokens <= room:
             raise GenerationError(
@@ -193,6 +224,8 @@ class Scheduler:
         the prompt is always left to prefill: its logits choose the first new token; echo scores them all)."""
         if not self.prefix_cache or not slot.cached or seq.spec.echo_logprobs:
             return 0
+        if slot.cached_adapter != self._adapter(seq):
+            return 0
         n = 0
         limit = min(len(slot.cached), len(prompt) - 1)
         while n < limit and slot.cached[n] == prompt[n]:
@@ -211,6 +244,7 @@ class Scheduler:
                                  key=lambda c: c[:2])
             self._clock += 1
             slot.cached = slot.cached[:reuse]
+            slot.cached_adapter = self._adapter(seq)
             slot.seq, slot.position, slot.ready, slot.admitted = seq, reuse, False, self._clock
             self.prompt_tokens += len(prompt)
             if reuse:
@@ -237,7 +271,8 @@ class Scheduler:
         chunk = torch.tensor([list(prompt[start : start + size])], dtype=torch.long, device=self.device)
         rows = torch.tensor([index], device=self.device)
         # Into its own slot, alone: the numbers never depend on what else is running.
-        logits = self.model(chunk, start, last_only=not seq.spec.echo_logprobs, cache_rows=rows)[0]
+        with self._route([seq]):
+            logits = self.model(chunk, start, last_only=not seq.spec.echo_logprobs, cache_rows=rows)[0]
         if seq.spec.echo_logprobs:
             seq.score_prompt(logits, start)
         slot.position = start + size
@@ -265,7 +300,8 @@ class Scheduler:
         ready = [self.slots[i] for i in busy if self.slots[i].ready]
         kv_len = int(positions.max()) + 1
         try:
-            logits = self.model(tokens.to(self.device), positions.to(self.device), last_only=True, kv_len=kv_len)
+            with self._route([self.slots[i].seq for i in range(width)]):
+                logits = self.model(tokens.to(self.device), positions.to(self.device), last_only=True, kv_len=kv_len)
         except Exception as exc:  # noqa: BLE001 - fail the sequences of this step, keep serving the rest
             log.exception("decode step failed")
             for slot in ready:

@@ -40,7 +40,8 @@ class GenerationSpec:
     raw distribution (before penalties, bias, processors and temperature: Meta's and vLLM's definition).
     ``echo_logprobs`` also scores every prompt token after the first (Meta's ``echo``). ``processors`` edit the
     logits before each choice; ``grammar`` then allows only what it accepts next, and a stop token only where
-    it may end (structured output). ``skip_special`` leaves special tokens out of the text.
+    it may end (structured output). ``skip_special`` leaves special tokens out of the text. ``adapter`` names the
+    LoRA adapter this sequence runs with (``llama3.lora``; None: the model's engaged one, if any).
     """
 
     prompt: Seq[int]
@@ -53,6 +54,7 @@ class GenerationSpec:
     echo_logprobs: bool = False
     skip_special: bool = True
     grammar: Grammar | None = None
+    adapter: str | None = None
 
 
 @dataclass

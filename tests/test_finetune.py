@@ -19,7 +19,7 @@ from gguf_utils import write_tiny_gguf
 import llama3
 from llama3 import lora
 from llama3.finetune import (DataError, ExampleBuilder, TrainConfig, Trainer, dpo_loss, load_dataset, lr_factor,
-                             sequence_logprobs, sft_loss_sum)
+                             sequence_logprobs, sft_loss_sum, target_logprobs)
 from llama3.lora import LoraConfig
 from llama3.tokenizer import load_tokenizer
 
@@ -78,6 +78,11 @@ def test_sft_loss_is_the_cross_entropy_of_target_tokens(tiny):
             by_hand -= float(row[example.ids[t]] - torch.logsumexp(row, 0))
     assert math.isclose(float(sft_loss_sum(out, ids, targets)), by_hand, rel_tol=1e-5)
     assert math.isclose(float(sequence_logprobs(out, ids, targets)[0]), -by_hand, rel_tol=1e-5)
+    # What the trainer computes: the head at target positions only.
+    with torch.no_grad():
+        logps, rows = target_logprobs(model, ids, targets)
+    assert rows.tolist() == [0] * example.n_targets
+    assert math.isclose(float(logps.sum()), -by_hand, rel_tol=1e-5)
 
 
 def test_dpo_loss_closed_form():

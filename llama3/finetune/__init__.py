@@ -8,10 +8,11 @@ and DPO's loss, ``trainer`` the loop; adapters themselves (the module swap and P
 from __future__ import annotations
 
 from .data import DataError, Dataset, Example, ExampleBuilder, Pair, load_dataset
-from .losses import dpo_loss, sequence_logprobs, sft_loss_sum, token_logprobs
+from .losses import dpo_loss, sequence_logprobs, sft_loss_sum, target_logprobs, token_logprobs
 from .trainer import ADAPTER, TrainConfig, Trainer, TrainResult, lr_factor, plot_losses
 
 __all__ = [
     "ADAPTER", "DataError", "Dataset", "Example", "ExampleBuilder", "Pair", "TrainConfig", "TrainResult", "Trainer",
-    "dpo_loss", "load_dataset", "lr_factor", "plot_losses", "sequence_logprobs", "sft_loss_sum", "token_logprobs",
+    "dpo_loss", "load_dataset", "lr_factor", "plot_losses", "sequence_logprobs", "sft_loss_sum", "target_logprobs",
+    "token_logprobs",
 ]  # fmt: skip

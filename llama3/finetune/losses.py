@@ -24,6 +24,18 @@ def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Te
     return (token_logprobs(logits, ids) * targets[:, 1:]).sum(-1)
 
 
+def target_logprobs(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every target token of ``ids`` (B, T) under ``model``, and the row each belongs to: (N,), (N,).
+
+    The output head runs only at the positions that predict a target (the vocabulary projection is the largest
+    matrix of small models, and most positions of a chat example are prompt).
+    """
+    h = model(ids, hidden=True)  # (B, T, dim)
+    rows, cols = torch.nonzero(targets[:, 1:] > 0, as_tuple=True)
+    logits = model.output(h[rows, cols]).float()  # position t predicts token t + 1
+    return -F.cross_entropy(logits, ids[rows, cols + 1], reduction="none"), rows
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO (Rafailov et al. 2023), sigmoid form: ``-log sigmoid(beta * (log-ratio chosen - log-ratio rejected))``.

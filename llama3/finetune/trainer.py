@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import Llama3Error
 from ..lora import LoraConfig, add_adapter, adapters, lora_modules, save_adapter, trainable_parameters
 from .data import Dataset, Example, Pair, batches
-from .losses import dpo_loss, sequence_logprobs, sft_loss_sum
+from .losses import dpo_loss, target_logprobs
 
 ADAPTER = "train"  # the name of the adapter being trained inside the model
 
@@ -118,7 +118,8 @@ class Trainer:
         self.device = model.norm.weight.device
         add_adapter(model, ADAPTER, config.lora, seed=config.seed)
         self.params = trainable_parameters(model, ADAPTER)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # foreach: one fused op over all adapter matrices per update step (the per-tensor loop is the CPU default).
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
         n_micro = math.ceil(len(train.items) / config.batch_size)
         self.steps_per_epoch = math.ceil(n_micro / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -132,28 +133,29 @@ class Trainer:
         self._reference: dict[int, tuple[float, float]] = {}  # DPO: the frozen base's answer log-probs, by pair
 
     # -- one batch ----------------------------------------------------------------------------------------
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids)
+    def _answer_logprobs(self, examples: Sequence[Example]) -> torch.Tensor:
+        """(B,) each example's summed target-token log-probability."""
+        ids, targets = _pad(examples, self.pad_id, self.device)
+        logps, rows = target_logprobs(self.model, ids, targets)
+        return torch.zeros(len(examples), device=logps.device).index_add(0, rows, logps)
 
     def _sft(self, items: Sequence[Example]) -> tuple[torch.Tensor, int]:
         ids, targets = _pad(items, self.pad_id, self.device)
-        return sft_loss_sum(self._logits(ids), ids, targets), int(targets[:, 1:].sum())
+        logps, _ = target_logprobs(self.model, ids, targets)
+        return -logps.sum(), logps.numel()
 
     def _reference_logprobs(self, index: Sequence[int], pairs: Sequence[Pair]) -> torch.Tensor:
         missing = [(i, p) for i, p in zip(index, pairs) if i not in self._reference]
         if missing:
             with torch.no_grad(), adapters(self.model).using(None):
-                examples = [p.chosen for _, p in missing] + [p.rejected for _, p in missing]
-                ids, targets = _pad(examples, self.pad_id, self.device)
-                logps = sequence_logprobs(self._logits(ids), ids, targets).tolist()
+                logps = self._answer_logprobs([p.chosen for _, p in missing] + [p.rejected for _, p in missing]).tolist()
             for k, (i, _) in enumerate(missing):
                 self._reference[i] = (logps[k], logps[k + len(missing)])
         return torch.tensor([self._reference[i] for i in index], device=self.device)
 
     def _dpo(self, index: Sequence[int], pairs: Sequence[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
         reference = self._reference_logprobs(index, pairs)
-        ids, targets = _pad([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.device)
-        logps = sequence_logprobs(self._logits(ids), ids, targets)
+        logps = self._answer_logprobs([p.chosen for p in pairs] + [p.rejected for p in pairs])
         n = len(pairs)
         losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], reference[:, 0], reference[:, 1], self.config.beta)
         stats = {"reward_margin": float((chosen - rejected).sum()), "reward_accuracy": float((chosen > rejected).sum())}

@@ -25,7 +25,7 @@ __all__ = ["add_arguments", "create_app", "run", "serve"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``llama3 serve`` (model options named as in the other ``llama3`` commands)."""
-    add_model_arguments(parser, max_batch_size=8)
+    add_model_arguments(parser, max_batch_size=8, many_adapters=True)
     parser.add_argument("--model-name", default=None, help="name the API reports (default: the model file's stem)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
@@ -69,10 +69,11 @@ def serve(args: argparse.Namespace) -> None:
     llm = build_llm(args, announce=False)
     path = Path(args.model).expanduser() if args.model else default_model_path()
     log.info("loaded %s in %.2f s on %s", path, llm.load_seconds or 0.0, llm.device)
+    name = args.model_name or (path.stem if path.is_file() else path.name)
+    adapters = load_adapters(llm.model, args.lora, name)
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=llm.max_seq_len,
                     max_queue=args.max_queue, seed=args.seed, threads=args.threads)
-    name = args.model_name or (path.stem if path.is_file() else path.name)
-    app = create_app(engine, model_name=name, api_key=args.api_key or None)
+    app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     # uvicorn's own graceful timeout is the backstop: past the engine's deadline, the ended streams still
@@ -80,6 +81,22 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_grace + 5)
     _draining_server(config, engine, args.shutdown_grace).run()
+
+
+def load_adapters(model, specs: list[str], base_name: str) -> list[str]:
+    """Load each ``--lora NAME=DIR`` (or ``DIR``, named after the directory) into ``model``; their names."""
+    from ..lora import load_adapter
+
+    names: list[str] = []
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep:
+            name, directory = Path(spec).expanduser().name, spec
+        if not name or name == base_name:
+            raise Llama3Error(f"--lora {spec}: the adapter needs a name other than the base model's ({base_name!r})")
+        load_adapter(model, Path(directory).expanduser(), name)
+        names.append(name)
+    return names
 
 
 def _draining_server(config, engine, grace_s: float):

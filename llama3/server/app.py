@@ -9,8 +9,9 @@ away cancels its sequences: streaming responses notice when the connection close
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -89,8 +90,12 @@ def generation_error(message: str, kind: str | None, engine_alive: bool) -> APIE
     return APIError(500, message, type="server_error")
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The server for ``engine``; the engine is started with the app and stopped when it shuts down."""
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, adapters: Sequence[str] = ()) -> FastAPI:
+    """The server for ``engine``; the engine is started with the app and stopped when it shuts down.
+
+    ``adapters``: names of the LoRA adapters loaded into the engine's model; a request whose ``model`` is one of
+    them runs with it (in the same batches as the others), any other ``model`` with the base model.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,9 +117,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
     tokenizer = engine.tokenizer
     formatter = LogprobFormatter(tokenizer)
 
-    def submit(plan: Plan) -> Submission:
+    def served(requested: str | None) -> tuple[str | None, str]:
+        """(adapter, the name answers report) for a request's ``model``."""
+        return (requested, requested) if requested in adapters else (None, model_name)
+
+    def submit(plan: Plan, adapter: str | None) -> Submission:
+        specs = [dataclasses.replace(spec, adapter=adapter) for spec in plan.specs] if adapter else plan.specs
         try:
-            return engine.submit(plan.specs)
+            return engine.submit(specs)
         except QueueFullError as exc:
             # Retry-After lets clients (the OpenAI SDK among them) back off before retrying.
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
@@ -176,12 +186,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.get("/v1/models", response_model=ModelList, summary="The served model")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=model_name, created=created)]
+                         + [ModelCard(id=name, created=created, parent=model_name) for name in adapters])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="One model")
     async def get_model(model_id: str) -> ModelCard:
+        if model_id in adapters:
+            return ModelCard(id=model_id, created=created, parent=model_name)
         if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} does not exist (this server serves {model_name!r})",
+            served_names = ", ".join(repr(n) for n in (model_name, *adapters))
+            raise APIError(404, f"model {model_id!r} does not exist (this server serves {served_names})",
                            param="model", code="model_not_found")
         return ModelCard(id=model_name, created=created)
 
@@ -194,9 +208,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         except TokenizerError as exc:
             raise APIError(400, str(exc), param="messages") from None
         plan = chat_plan(req, prompt, engine.max_seq_len, engine.vocab_size, tool_grammar=tools.grammar)
-        submission = submit(plan)
+        adapter, answered_by = served(req.model)
+        submission = submit(plan, adapter)
         rid, stamp = new_id("chatcmpl"), now()
-        base = {"id": rid, "created": stamp, "model": model_name}
+        base = {"id": rid, "created": stamp, "model": answered_by}
 
         if req.stream:
             extra = {"usage": None} if plan.include_usage else {}
@@ -247,9 +262,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         except TokenizerError as exc:
             raise APIError(400, str(exc), param="prompt") from None
         plan = completion_plan(req, prompts, engine.max_seq_len, engine.vocab_size)
-        submission = submit(plan)
+        adapter, answered_by = served(req.model)
+        submission = submit(plan, adapter)
         rid, stamp = new_id("cmpl"), now()
-        base = {"id": rid, "object": "text_completion", "created": stamp, "model": model_name}
+        base = {"id": rid, "object": "text_completion", "created": stamp, "model": answered_by}
         per_prompt = req.n or 1
         echoes = [tokenizer.decode(p) if req.echo else "" for p in prompts]
         want_logprobs = req.logprobs is not None

@@ -63,7 +63,8 @@ class SamplingFields(BaseModel):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="ignored: the server serves one model and answers with its name")
+    model: str | None = Field(None, description="a LoRA adapter's name (llama3 serve --lora NAME=DIR) to answer with "
+                              "it; any other value: the base model")
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
         None, description="0 is greedy (default 1)"
     )
@@ -124,6 +125,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llama3"
+    parent: str | None = Field(None, description="for a LoRA adapter: the base model it runs on (as vLLM reports)")
 
 
 class ModelList(BaseModel):
