@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from llama3.constraints import (AutomatonConstraint, ChoiceAutomaton, CopyAutomaton, CopyBiasProcessor,
+from llama3.constraints import (AutomatonConstraint, CopyAutomaton, Grammar, GrammarConstraint, CopyBiasProcessor,
                                 LineLimitProcessor, NumberListAutomaton, token_table)
 
 
@@ -151,12 +151,10 @@ def test_number_list_automaton_matches_enumeration():
     assert automaton.max_len == max(len(s) for s in accepted_strings(allowed, count))
 
 
-def test_permutation_and_choice():
+def test_permutation():
     perm = NumberListAutomaton([1, 2, 3, 4, 5])  # count None: each once
     assert run_automaton(perm, "2,1,4,5,3") and run_automaton(perm, "5, 4, 3, 2, 1")
     assert not run_automaton(perm, "2,1,4,5") and not run_automaton(perm, "2,1,4,5,5")
-    choice = ChoiceAutomaton(["1", "2", "3", "4", "5"])
-    assert run_automaton(choice, "3") and not run_automaton(choice, "0") and not run_automaton(choice, "33")
     with pytest.raises(ValueError):
         NumberListAutomaton([1, 2], 3)
 
@@ -196,13 +194,13 @@ def test_allowed_tokens_equal_oracle_llama3(llama3_tok, text):
 
 
 def test_choice_allows_only_offered_digits_then_stop(llama3_tok):
-    proc = AutomatonConstraint(llama3_tok, ChoiceAutomaton(["0", "1", "2", "3"]))
+    """ShopBench's multiple-choice constraint (a llguidance choice grammar): one offered digit, then a stop."""
+    proc = GrammarConstraint(Grammar.choice(["0", "1", "2", "3"]), llama3_tok)
     first = set(torch.nonzero(torch.isfinite(proc([], torch.zeros(llama3_tok.n_words)))).flatten().tolist())
     assert first == {llama3_tok.encode(str(d))[0] for d in range(4)}
     two = llama3_tok.encode("2")
     after = set(torch.nonzero(torch.isfinite(proc(two, torch.zeros(llama3_tok.n_words)))).flatten().tolist())
     assert after == set(llama3_tok.stop_tokens)
-    assert proc.max_tokens == 2
 
 
 def decode_with(tok, procs, rng: torch.Generator, max_steps: int, adversary: set[int] | None = None) -> str:
@@ -315,12 +313,13 @@ def test_chat_and_text_completion_accept_constraints():
     """The processors plug into Llama's text-level API (per-row lists), on the real default model."""
     generation = pytest.importorskip("llama3.generation")
     llm = generation.Llama.build(max_seq_len=256, max_batch_size=2)
-    choices = ["navy blue jeans", "red cotton shirt"]  # several tokens each
+    source = "navy blue jeans, red cotton shirt"  # phrases of several tokens each
     dialogs = [[{"role": "user", "content": "Name a piece of clothing."}]] * 2
-    procs = [[AutomatonConstraint(llm.tokenizer, ChoiceAutomaton(choices))],
+    procs = [[AutomatonConstraint(llm.tokenizer, CopyAutomaton(source, 1))],
              [AutomatonConstraint(llm.tokenizer, NumberListAutomaton(range(1, 13), 3))]]
     out = llm.chat_completion(dialogs, temperature=0.8, max_gen_len=20, logits_processors=procs, seed=5)
-    assert out[0]["generation"]["content"] in choices
+    answer = out[0]["generation"]["content"]
+    assert answer and answer in source and "," not in answer
     assert mixed_ok(out[1]["generation"]["content"], list(range(1, 13)), 3)
     text = llm.text_completion(["My favourite numbers are"], temperature=0, max_gen_len=12,
                                logits_processors=[[AutomatonConstraint(llm.tokenizer, NumberListAutomaton([7, 8, 9], 2))]])

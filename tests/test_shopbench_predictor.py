@@ -1,7 +1,7 @@
 """ShopBenchModel: routing, chat formatting, batching and constraints wired through the ``Llama.run`` contract.
 
 Fast tests drive the predictor with ``RandomLLM``: the real tokenizer and chat format, the same
-``run`` contract as ``llama3.Llama`` (per-sequence logits processors, stop tokens, budgets), but random
+``run`` contract as ``llama3.Llama`` (per-sequence logits processors and grammars, stop tokens, budgets), but random
 logits that favour letters, so only the constraints can make answers parseable. The slow tests use
 the real default model.
 """
@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llama3.constraints import GrammarConstraint
 from llama3.tasks.shopbench.data import load_questions
 from llama3.tasks.shopbench.parsing import parse_response
 from llama3.tasks.shopbench.predictor import ShopBenchModel
@@ -39,11 +40,14 @@ class RandomLLM:
         out = []
         for spec in specs:
             generated: list[int] = []
-            for _ in range(spec.max_tokens):
+            grammar = GrammarConstraint(spec.grammar, self.tokenizer) if spec.grammar is not None else None
+            for step in range(spec.max_tokens):
                 logits = torch.randn(self.tokenizer.n_words, generator=self.rng)
                 logits[self.letters] += 20.0  # a chatty model: constraints must override it
                 for p in spec.processors:
                     logits = p(generated, logits)
+                if grammar is not None:
+                    logits = grammar(generated, logits, spec.max_tokens - step)
                 t = int(torch.argmax(logits))
                 if t in self.tokenizer.stop_tokens:
                     break

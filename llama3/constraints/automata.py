@@ -1,5 +1,5 @@
-"""Byte-level automata: which byte strings a constrained answer may be (one of fixed strings, a list of
-distinct numbers, phrases copied from a source)."""
+"""Byte-level automata: which byte strings a constrained answer may be (a list of distinct numbers, phrases
+copied from a source): what a grammar could state only by listing every permutation or every phrase."""
 
 from __future__ import annotations
 
@@ -23,28 +23,6 @@ class ByteAutomaton(Protocol):
     def step(self, state: Any, byte: int) -> Any | None: ...
 
     def accepts(self, state: Any) -> bool: ...
-
-
-class ChoiceAutomaton:
-    """Accepts exactly one of a fixed set of strings (e.g. the option numbers ``"0"..."3"``)."""
-
-    def __init__(self, choices: Iterable[str]) -> None:
-        encoded = sorted({c.encode("utf-8") for c in choices})
-        if not encoded or b"" in encoded:
-            raise ValueError(f"ChoiceAutomaton needs non-empty choices, got {encoded!r}")
-        self.choices: tuple[bytes, ...] = tuple(encoded)
-        self.alphabet = bytes(sorted({b for c in encoded for b in c}))
-        self.max_len = max(len(c) for c in encoded)
-
-    def start(self) -> bytes:
-        return b""
-
-    def step(self, state: bytes, byte: int) -> bytes | None:
-        nxt = state + bytes((byte,))
-        return nxt if any(c.startswith(nxt) for c in self.choices) else None
-
-    def accepts(self, state: bytes) -> bool:
-        return state in self.choices
 
 
 @dataclass(frozen=True)

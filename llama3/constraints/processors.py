@@ -32,7 +32,8 @@ class AutomatonConstraint:
     def __init__(self, tokenizer: TokenizerLike, automaton: ByteAutomaton) -> None:
         self.table = token_table(tokenizer)
         self.automaton = automaton
-        self._root = self.table.trie(automaton.alphabet)
+        self._root = self.table.trie()
+        self._alphabet = frozenset(automaton.alphabet)
         self._stop = torch.tensor(self.table.stop_tokens, dtype=torch.long)
         self._seen: list[int] = []
         self._state: Any = automaton.start()
@@ -74,10 +75,12 @@ class AutomatonConstraint:
             pass
         ids: list[int] = []
         stack = [(self._root, state)]
-        step = self.automaton.step
+        step, alphabet = self.automaton.step, self._alphabet
         while stack:
             node, s = stack.pop()
             for byte, child in node.children.items():
+                if byte not in alphabet:
+                    continue
                 s2 = step(s, byte)
                 if s2 is None:
                     continue

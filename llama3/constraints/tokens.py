@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,29 +47,22 @@ class TokenTable:
             except Exception:  # an id the tokenizer cannot render (unused slot): never allowed
                 table.append(b"")
         self.token_bytes: list[bytes] = table
-        self._tries: OrderedDict[bytes, _TrieNode] = OrderedDict()
+        self._trie: _TrieNode | None = None
         self._by_bytes: dict[bytes, list[int]] | None = None
 
-    MAX_TRIES = 8  # copy constraints bring a new alphabet per prompt: keep only the recent tries
-
-    def trie(self, alphabet: bytes) -> _TrieNode:
-        """Trie of all tokens made only of bytes in ``alphabet`` (cached per alphabet)."""
-        key = bytes(sorted(set(alphabet)))
-        root = self._tries.get(key)
-        if root is not None:
-            self._tries.move_to_end(key)
-        else:
+    def trie(self) -> _TrieNode:
+        """Byte trie of every ordinary token (built once per tokenizer). Walkers prune it by their automaton's
+        alphabet as they go: cheaper than a trie per alphabet, since copy constraints bring a new one per prompt."""
+        if self._trie is None:
             root = _TrieNode()
             for i, b in enumerate(self.token_bytes):
-                if b and not b.translate(None, key):  # every byte of the token is in the alphabet
+                if b:
                     node = root
                     for byte in b:
                         node = node.children.setdefault(byte, _TrieNode())
                     node.ids.append(i)
-            self._tries[key] = root
-            while len(self._tries) > self.MAX_TRIES:
-                self._tries.popitem(last=False)
-        return root
+            self._trie = root
+        return self._trie
 
     def ids_of(self, text: bytes) -> list[int]:
         """All token ids whose bytes are exactly ``text``."""

@@ -3,10 +3,12 @@
 Each prompt is routed (:mod:`.router`), wrapped in its task type's system instruction and the
 model's chat format, and generated through the decoding core with continuous batching (``Llama.run``). With constraints
 on (the default) the answer format is enforced while decoding: one offered digit for
-multiple-choice, a permutation of the listed items for ranking, N distinct listed items for
-retrieval, phrases copied from the query for NER and from the review for extractive generation
-(``copy_mode="strict"``; ``"bias"`` only favours the source's tokens), and one line for other
-generation. With constraints off, the seed's regex post-processing repairs the free-form answer.
+multiple-choice (a grammar, through llguidance), a permutation of the listed items for ranking, N distinct
+listed items for retrieval, phrases copied from the query for NER and from the review for extractive
+generation (``copy_mode="strict"``; ``"bias"`` only favours the source's tokens), and one line for other
+generation. Distinct items and copied phrases are byte automata of our own (``llama3.constraints``): a grammar
+could state them only by listing every permutation or every phrase of the source. With constraints off, the
+seed's regex post-processing repairs the free-form answer.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...constraints import (AutomatonConstraint, ChoiceAutomaton, CopyAutomaton, CopyBiasProcessor,
-                            LineLimitProcessor, NumberListAutomaton)
+from ...constraints import (AutomatonConstraint, CopyAutomaton, CopyBiasProcessor, Grammar, LineLimitProcessor,
+                            NumberListAutomaton)
 from ...sampling import SamplingParams
 from ...sequence import GenerationSpec
 from .parsing import repair_response
@@ -58,6 +60,7 @@ class _Job:
     tokens: list[int]
     max_new: int
     processors: list[Callable[..., Any]] | None
+    grammar: Grammar | None
     truncated: bool
 
 
@@ -112,15 +115,22 @@ class ShopBenchModel:
 
     # -- batched generation ---------------------------------------------------------------------
 
+    def _constraint(self, r: Route) -> tuple[list[Callable[..., Any]] | None, Grammar | None, int]:
+        """Logits processors or a grammar for one routed prompt, and the most tokens it may generate."""
+        if self.constrain and r.task_type == "multiple-choice" and r.options:
+            options = [str(n) for n in r.options]
+            # One token per byte at worst, then the stop token.
+            return None, Grammar.choice(options), max(len(o.encode()) for o in options) + 1
+        processors, cap = self._processors(r)
+        return processors, None, cap
+
     def _processors(self, r: Route) -> tuple[list[Callable[..., Any]] | None, int]:
         """Logits processors for one routed prompt, and the most tokens it may generate."""
         cap = self.max_new_tokens.get(r.task_type, self.max_new_tokens["generation"])
         if not self.constrain:
             return None, cap
         automaton: Any = None
-        if r.task_type == "multiple-choice" and r.options:
-            automaton = ChoiceAutomaton(str(n) for n in r.options)
-        elif r.task_type == "ranking" and r.items:
+        if r.task_type == "ranking" and r.items:
             automaton = NumberListAutomaton(r.items)
         elif r.task_type == "retrieval" and r.items:
             automaton = NumberListAutomaton(r.items, min(r.pick or 3, len(r.items)))
@@ -143,7 +153,7 @@ class ShopBenchModel:
     def _job(self, index: int, prompt: str, is_mc: bool) -> _Job:
         r = route(prompt, is_mc)
         tokens = list(self.tokenizer.encode_dialog_prompt(build_dialog(prompt, r), add_generation_prompt=True))
-        processors, max_new = self._processors(r)
+        processors, grammar, max_new = self._constraint(r)
         truncated = False
         limit = getattr(self.llm, "max_seq_len", None)
         if limit is not None and len(tokens) + max_new > limit:
@@ -152,7 +162,7 @@ class ShopBenchModel:
             head = budget // 4
             tokens = tokens[:head] + tokens[len(tokens) - (budget - head):]
             truncated = True
-        return _Job(index, r, tokens, max_new, processors, truncated)
+        return _Job(index, r, tokens, max_new, processors, grammar, truncated)
 
     def run(self, prompts: Sequence[str], is_multiple_choice: Sequence[bool],
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
@@ -169,8 +179,8 @@ class ShopBenchModel:
         # Longest budgets first: the long answers start early and the short ones fill the slots around them.
         order = sorted(jobs, key=lambda j: -j.max_new)
         params = SamplingParams(temperature=self.temperature, top_p=self.top_p)
-        specs = [GenerationSpec(j.tokens, j.max_new, params, processors=tuple(j.processors or ()), skip_special=False)
-                 for j in order]
+        specs = [GenerationSpec(j.tokens, j.max_new, params, processors=tuple(j.processors or ()), skip_special=False,
+                                grammar=j.grammar) for j in order]
 
         def finished(seq: Any) -> None:
             if on_batch is not None:
