@@ -71,8 +71,8 @@ class QuantLinear(nn.Module):
         """grad_out (..., N) @ W: the gradient of the input, decoding W one slab of rows at a time."""
         g = grad_out.reshape(-1, self.out_features).float()
         rows = max(1, _PORTABLE_SLAB_BYTES // (4 * self.in_features))
-        out = torch.zeros(g.shape[0], self.in_features, dtype=torch.float32, device=g.device)
-        for i in range(0, self.out_features, rows):
+        out = g[:, :rows] @ self._dequantized_rows(0, min(rows, self.out_features))
+        for i in range(rows, self.out_features, rows):
             out.addmm_(g[:, i : i + rows], self._dequantized_rows(i, min(i + rows, self.out_features)))
         return out.to(grad_out.dtype).view(*grad_out.shape[:-1], self.in_features)
 
