@@ -201,6 +201,14 @@ def test_choice_allows_only_offered_digits_then_stop(llama3_tok):
     two = llama3_tok.encode("2")
     after = set(torch.nonzero(torch.isfinite(proc(two, torch.zeros(llama3_tok.n_words)))).flatten().tolist())
     assert after == set(llama3_tok.stop_tokens)
+    # With the budget of one digit and the stop token, every option still fits: the model's choice stands
+    # (closing near the budget must not narrow the choice to one option).
+    for digit in "0123":
+        logits = torch.zeros(llama3_tok.n_words)
+        logits[llama3_tok.encode(digit)[0]] = 5.0
+        tight = GrammarConstraint(Grammar.choice(["0", "1", "2", "3"]), llama3_tok)([], logits, 2)
+        assert llama3_tok.decode([int(tight.argmax())]) == digit
+        assert int(torch.isfinite(tight).sum()) == 4
 
 
 def decode_with(tok, procs, rng: torch.Generator, max_steps: int, adversary: set[int] | None = None) -> str:

@@ -195,6 +195,8 @@ class Grammar:
 # repeats itself inside a string, a number or an array is cut mid-JSON by max_tokens.
 CLOSING_HORIZON = 64
 CLOSING_MARGIN = 2
+# Up to this many allowed tokens, closing checks each one exactly instead of steering by token class.
+EXACT_CLOSING_CANDIDATES = 16
 
 
 def _closing_class(data: bytes, rank: int) -> bool:
@@ -290,6 +292,16 @@ class GrammarConstraint:
             matcher.consume_token(int(lengths.argmax()))
         return limit + 1
 
+    def _finishing(self, allowed: np.ndarray, remaining: int) -> np.ndarray:
+        """The allowed tokens after which the grammar can still end (by the closing walk) with room for the stop
+        token within ``remaining`` tokens."""
+        keep = np.zeros_like(allowed)
+        for token in np.flatnonzero(allowed).tolist():
+            matcher = self._matcher.deep_copy()
+            if matcher.consume_token(token) and self.tokens_to_finish(remaining - 2, matcher) <= remaining - 2:
+                keep[token] = True
+        return keep
+
     def _closing_choice(self, allowed: np.ndarray, limit: int) -> np.ndarray | None:
         """Of the closing classes allowed now, the one whose longest token leads to the quickest finish (a
         quote closes a string but opens a key where a brace would close the object: one step of lookahead)."""
@@ -318,9 +330,16 @@ class GrammarConstraint:
         if remaining is not None and remaining <= CLOSING_HORIZON and not self._matcher.is_accepting():
             # The stop token itself must fit too: finishing in remaining - 1 tokens leaves one step for it.
             if self.tokens_to_finish(remaining) + CLOSING_MARGIN >= remaining - 1:
-                closing = self._closing_choice(allowed, remaining)
-                if closing is not None:
-                    allowed = closing
+                # Few candidates (a choice, a digit): keep exactly those that can still finish in time, so the
+                # model's preference among them stands. Many (inside a string or a number): steer by class.
+                if int(allowed.sum()) <= EXACT_CLOSING_CANDIDATES:
+                    finishing = self._finishing(allowed, remaining)
+                    if finishing.any():
+                        allowed = finishing
+                else:
+                    closing = self._closing_choice(allowed, remaining)
+                    if closing is not None:
+                        allowed = closing
         logits[self._vocab :] = -torch.inf  # padded embedding rows are never real tokens
         logits[: self._vocab].masked_fill_(torch.from_numpy(~allowed).to(logits.device), -torch.inf)
         return logits
