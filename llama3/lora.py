@@ -100,7 +100,8 @@ class Adapters:
         self.active, self.rows = name, None
 
     def use_rows(self, names: Sequence[str | None] | None) -> None:
-        """Engage ``names[i]`` for batch row i of the next forwards (None in a row: the base model)."""
+        """Engage ``names[i]`` for batch row i of the next forwards (None in a row: the base model). The decoding
+        core sets this itself around each forward from ``GenerationSpec.adapter`` (else the ``use`` adapter)."""
         if names is not None:
             for name in names:
                 self._check(name)

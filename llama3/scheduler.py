@@ -102,11 +102,12 @@ class Scheduler:
         if router is None:
             yield
             return
+        saved = router.rows
         router.use_rows([None if seq is None else self._adapter(seq) for seq in rows])
         try:
             yield
         finally:
-            router.use_rows(None)
+            router.rows = saved
 
     def claim(self) -> None:
         """Make the model's KV cache this scheduler's. If another front end used it meanwhile (or it was

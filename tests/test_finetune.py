@@ -167,9 +167,13 @@ def test_dpo_widens_the_margin(tiny, tmp_path):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(2)  # a no-op adapter scores log 2
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path):
-    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(6)])
-    config = TrainConfig(epochs=2, batch_size=2, lr=5e-3, save_every=2, lora=LoraConfig(rank=4, dropout=0.2))
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path, method):
+    records = ([{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(6)] if method == "sft" else
+               [{"prompt": f"Q{i}:", "chosen": f" A{i}", "rejected": " no"} for i in range(6)])
+    data = write_jsonl(tmp_path / "t.jsonl", records)
+    config = TrainConfig(method=method, epochs=2, batch_size=2, lr=5e-3, save_every=2,
+                         lora=LoraConfig(rank=4, dropout=0.2))
     full, _ = train(tiny, data, tmp_path / "full", config)
     full.train()
 
@@ -191,6 +195,17 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 7))
+
+    # Another learning rate cannot resume this run; a fresh run (no resume) clears the old checkpoints.
+    other = TrainConfig(**{**config.__dict__, "lr": 1e-3})
+    third, _ = train(tiny, data, tmp_path / "cut", other)
+    with pytest.raises(llama3.Llama3Error, match="other settings or data"):
+        third.train(resume=True)
+    fresh, _ = train(tiny, data, tmp_path / "cut", other)
+    fresh.train()
+    saved = sorted((tmp_path / "cut" / "checkpoints").glob("*/trainer_state.pt"))
+    assert [p.parent.name for p in saved] == ["step-2", "step-4"]
+    assert all(torch.load(p, weights_only=True)["config"]["lr"] == 1e-3 for p in saved)
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -76,8 +76,11 @@ def test_each_model_name_answers_with_its_adapter_alone_and_in_a_crowd(server, a
 
     for name, text in asyncio.run(crowd()):
         assert text == alone[name][1], name
-    # An unknown name is the base model (clients must send some name), and says so.
-    assert ask(client, "whatever") == (base, alone[base][1])
+    # With adapters loaded, a name that is neither the base nor an adapter is a 404, never silently the base.
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="model 'terse2' does not exist"):
+        ask(client, "terse2")
 
 
 def test_bad_adapter_flags_fail_with_one_line(tmp_path):

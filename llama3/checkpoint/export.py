@@ -1,5 +1,7 @@
-"""Write a model as a Hugging Face directory (config.json, model.safetensors, tokenizer files) that transformers
-and this engine load: the inverse of ``hf.read_hf``, used to export a model with a LoRA adapter merged in."""
+"""Write a model as a Hugging Face directory (config.json, model.safetensors, tokenizer files): the inverse of
+``hf.read_hf``, used to export a model with a LoRA adapter merged in. This engine and transformers load the
+weights; the tokenizer is a tokenizer.json wherever the source had one (GGUF and Hugging Face models), and Meta's
+tokenizer.model otherwise (this engine reads it; transformers needs the tokenizer.json published with the model)."""
 
 from __future__ import annotations
 

@@ -195,8 +195,9 @@ class Grammar:
 # repeats itself inside a string, a number or an array is cut mid-JSON by max_tokens.
 CLOSING_HORIZON = 64
 CLOSING_MARGIN = 2
-# Up to this many allowed tokens, closing checks each one exactly instead of steering by token class.
-EXACT_CLOSING_CANDIDATES = 16
+# Closing checks each allowed token exactly (a walk of up to ``remaining`` masks each) while candidates x remaining
+# stays under this bound (a choice, a digit near the end); beyond it, it steers by token class.
+EXACT_CLOSING_WORK = 128
 
 
 def _closing_class(data: bytes, rank: int) -> bool:
@@ -332,7 +333,7 @@ class GrammarConstraint:
             if self.tokens_to_finish(remaining) + CLOSING_MARGIN >= remaining - 1:
                 # Few candidates (a choice, a digit): keep exactly those that can still finish in time, so the
                 # model's preference among them stands. Many (inside a string or a number): steer by class.
-                if int(allowed.sum()) <= EXACT_CLOSING_CANDIDATES:
+                if int(allowed.sum()) * remaining <= EXACT_CLOSING_WORK:
                     finishing = self._finishing(allowed, remaining)
                     if finishing.any():
                         allowed = finishing

@@ -11,6 +11,7 @@ step and per evaluation) and ``loss.png``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -153,6 +154,13 @@ class Trainer:
                 self._reference[i] = (logps[k], logps[k + len(missing)])
         return torch.tensor([self._reference[i] for i in index], device=self.device)
 
+    def _reference_all(self) -> None:
+        """The reference log-probs of every training pair, in fixed batches of index order: the same numbers
+        whatever order the pairs are drawn in, in a fresh and in a resumed run."""
+        items = self.train_data.items
+        for chunk in batches(len(items), self.config.batch_size, range(len(items))):
+            self._reference_logprobs(chunk, [items[i] for i in chunk])
+
     def _dpo(self, index: Sequence[int], pairs: Sequence[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
         reference = self._reference_logprobs(index, pairs)
         logps = self._answer_logprobs([p.chosen for p in pairs] + [p.rejected for p in pairs])
@@ -205,28 +213,42 @@ class Trainer:
         path = self.out / "checkpoints" / f"step-{self.step}"
         path.mkdir(parents=True, exist_ok=True)
         torch.save({
-            "step": self.step, "config": self.config.to_json(), "adapter": self._adapter_state(),
+            "step": self.step, "config": self.config.to_json(), "fingerprint": self._fingerprint(),
+            "adapter": self._adapter_state(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(), "history": self.history,
         }, path / "trainer_state.pt")  # fmt: skip
         return path
 
+    def _fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: every setting that shapes the run, and the data itself."""
+        import hashlib
+
+        settings = {k: v for k, v in self.config.to_json().items() if k not in ("eval_every", "save_every")}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for item in self.train_data.items:
+            for e in ([item] if isinstance(item, Example) else [item.chosen, item.rejected]):
+                digest.update(repr((e.ids, e.targets)).encode())
+        return digest.hexdigest()
+
+    def _checkpoints(self) -> list[Path]:
+        found = [p for p in (self.out / "checkpoints").glob("step-*/trainer_state.pt")
+                 if p.parent.name.removeprefix("step-").isdigit()]
+        return sorted(found, key=lambda p: int(p.parent.name.removeprefix("step-")))
+
     def resume(self) -> bool:
         """Continue from the newest checkpoint in ``OUT/checkpoints``; False when there is none."""
-        found = sorted((self.out / "checkpoints").glob("step-*/trainer_state.pt"),
-                       key=lambda p: int(p.parent.name.split("-")[1]))
+        found = self._checkpoints()
         if not found:
             return False
         try:
             state = torch.load(found[-1], weights_only=True)
+            fingerprint = state["fingerprint"]
         except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file: say which
             raise Llama3Error(f"{found[-1]}: cannot resume from this checkpoint ({exc})") from None
-        saved = state["config"]
-        mine = self.config.to_json()
-        differs = [k for k in ("method", "lora", "batch_size", "grad_accum", "seed") if saved.get(k) != mine[k]]
-        if differs:
-            raise Llama3Error(f"{found[-1]}: was trained with other {', '.join(differs)}; "
-                              "resume with the same settings or choose another --out")
+        if fingerprint != self._fingerprint():
+            raise Llama3Error(f"{found[-1]}: was made with other settings or data; resume with the same flags and "
+                              "files, or leave out --resume to start over")
         with torch.no_grad():
             for layer, target, module in lora_modules(self.model, ADAPTER):
                 module.lora_A[ADAPTER].copy_(state["adapter"][f"{layer}.{target}.A"])
@@ -252,8 +274,15 @@ class Trainer:
             # Lines logged after the checkpoint belong to the interrupted run: keep the checkpoint's history.
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
         else:
+            # A fresh run owns OUT: an earlier run's checkpoints must not be resumed into this one later.
             metrics.unlink(missing_ok=True)
+            for old in self._checkpoints():
+                old.unlink()
+                with contextlib.suppress(OSError):  # a folder holding anything else is left alone
+                    old.parent.rmdir()
             torch.manual_seed(self.config.seed)  # adapter dropout draws from the global generator
+        if config.method == "dpo":
+            self._reference_all()
         model.gradient_checkpointing = config.gradient_checkpointing
         router = adapters(model)
         items = self.train_data.items
@@ -301,7 +330,9 @@ class Trainer:
     def _update(self, group: list[list[int]], epoch: int) -> dict[str, Any]:
         """One optimizer step over the micro-batches of ``group``."""
         config, model, items = self.config, self.model, self.train_data.items
-        model.train()
+        # Adapter dropout only in SFT: in DPO it would make the policy's log-ratios noisy against a reference
+        # computed without it (TRL turns dropout off for DPO too).
+        model.train(config.method == "sft")
         self.optimizer.zero_grad(set_to_none=True)
         if config.method == "sft":
             denominator = sum(items[i].n_targets - items[i].targets[0] for mb in group for i in mb)

@@ -118,8 +118,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
     formatter = LogprobFormatter(tokenizer)
 
     def served(requested: str | None) -> tuple[str | None, str]:
-        """(adapter, the name answers report) for a request's ``model``."""
-        return (requested, requested) if requested in adapters else (None, model_name)
+        """(adapter, the name answers report) for a request's ``model``. Without adapters any name is the one
+        model (clients must send some name); with adapters a name that is neither is a 404, as in vLLM, so a
+        typo never silently answers with the base model."""
+        if requested in adapters:
+            return requested, requested
+        if adapters and requested not in (None, model_name):
+            served_names = ", ".join(repr(n) for n in (model_name, *adapters))
+            raise APIError(404, f"model {requested!r} does not exist (this server serves {served_names})",
+                           param="model", code="model_not_found")
+        return None, model_name
 
     def submit(plan: Plan, adapter: str | None) -> Submission:
         specs = [dataclasses.replace(spec, adapter=adapter) for spec in plan.specs] if adapter else plan.specs

@@ -74,7 +74,7 @@ def install_openapi(app: FastAPI, *, api_key: bool) -> None:
                 responses.pop("422", None)  # validation errors are 400s here
                 codes = []
                 if method == "post":
-                    codes = ["400", "429", "500", "503"]
+                    codes = ["400", "404", "429", "500", "503"]  # 404: a model name no adapter has
                     ok = responses.setdefault("200", {"description": "Successful Response"})
                     json_body = ok.get("content", {}).get("application/json", {"schema": {}})
                     ok["content"] = {

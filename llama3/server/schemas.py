@@ -63,8 +63,8 @@ class SamplingFields(BaseModel):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="a LoRA adapter's name (llama3 serve --lora NAME=DIR) to answer with "
-                              "it; any other value: the base model")
+    model: str | None = Field(None, description="the served model, or a LoRA adapter's name (llama3 serve --lora "
+                              "NAME=DIR) to answer with it; without adapters any value means the one model")
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
         None, description="0 is greedy (default 1)"
     )
