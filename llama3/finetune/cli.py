@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: found in the checkpoint)")
     model.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to float32 first")
     model.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    model.add_argument("--device", default="cpu", help="cpu (default), or cuda (float32 base weights on the GPU)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="training JSONL (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected)")
     data.add_argument("--eval-data", default=None, help="evaluation JSONL, same format")
@@ -95,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
         if d is not None and (d.truncated or d.dropped):
             print(f"{d.path}: {d.truncated} records cut to {args.max_seq_len} tokens, {d.dropped} dropped "
                   "(no answer token within the limit)", file=sys.stderr)
-    model = load_model(path, device="cpu", dtype=torch.float32, quantize=None if args.no_quant else "auto")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
+    model = load_model(path, device=device, dtype=torch.float32, quantize=None if args.no_quant else "auto")
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     trainer = Trainer(model, train, config, args.out, eval_data=evaluation, pad_id=pad, base_model=str(path))
     bar = tqdm(total=trainer.total_steps, unit="step", disable=args.quiet, dynamic_ncols=True)
