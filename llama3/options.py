@@ -82,23 +82,38 @@ def output_grammar(args: argparse.Namespace) -> Grammar | None:
     return None
 
 
+def apply_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU thread count (None: torch's choice)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise Llama3Error(f"--threads must be >= 1 (got {threads})")
+        torch.set_num_threads(threads)
+
+
+def parse_device(text: str | None):
+    """``--device`` as a ``torch.device`` (None: the default), or ``Llama3Error`` for a bad or absent device."""
+    import torch
+
+    try:
+        device = torch.device(text) if text else None
+    except RuntimeError as exc:
+        raise Llama3Error(f"invalid --device {text!r}: {exc}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise Llama3Error(f"--device {text}: CUDA is not available on this machine")
+    return device
+
+
 def build_llm(args: argparse.Namespace, *, announce: bool = True):
     """``Llama.build`` from the model options (one-line ``Llama3Error`` for unusable values)."""
     import torch
 
     from .generation import Llama
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise Llama3Error(f"--threads must be >= 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as exc:
-        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device)
     llm = Llama.build(
         args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
         device=device, dtype=dtype, quantize=None if args.no_quant else "auto",

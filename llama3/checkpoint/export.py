@@ -15,7 +15,7 @@ import torch
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from ..model import rope_frequencies
-from .hf import hf_name
+from .hf import hf_name, interleaved_to_half_split
 
 _ROPE_CANDIDATES = (RopeScaling(), RopeScaling(factor=32.0))  # Llama 3.1 and Llama 3.2's published settings
 
@@ -66,11 +66,6 @@ def hf_config(config: ModelConfig, *, bos_id: int | None, eos_ids: list[int]) ->
     }
 
 
-def _half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def _write_tokenizer(tokenizer: Any, directory: Path) -> None:
     """The tokenizer files: Meta's tokenizer.model copied; a tokenizers-backed one saved as tokenizer.json with its
     special tokens, BOS habit and chat template in tokenizer_config.json."""
@@ -111,9 +106,9 @@ def save_hf(directory: str | Path, config: ModelConfig, state: dict[str, torch.T
     for name, value in state.items():
         value = value.detach().float().cpu()
         if name.endswith("attention.wq.weight"):
-            value = _half_split(value, config.n_heads)
+            value = interleaved_to_half_split(value, config.n_heads, config.head_dim)
         elif name.endswith("attention.wk.weight"):
-            value = _half_split(value, config.kv_heads)
+            value = interleaved_to_half_split(value, config.kv_heads, config.head_dim)
         tensors[hf_name(name)] = value.contiguous()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     stops = sorted(tokenizer.stop_tokens)

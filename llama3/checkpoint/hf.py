@@ -75,6 +75,12 @@ def half_split_to_interleaved(weight: torch.Tensor, n_heads: int, head_dim: int)
     return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def interleaved_to_half_split(weight: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of ``half_split_to_interleaved``: Meta's interleaved q/k rows in HF's half-split order."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def _rope(cfg: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
     """rope_theta and Llama 3.1 scaling from either transformers 4 (rope_theta + rope_scaling) or
     transformers 5 (rope_parameters) spelling."""
@@ -249,4 +255,5 @@ def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-__all__ = ["canonical_name", "half_split_to_interleaved", "hf_config_to_model_config", "hf_name", "read_hf"]
+__all__ = ["canonical_name", "half_split_to_interleaved", "hf_config_to_model_config", "hf_name", "interleaved_to_half_split",
+           "read_hf"]

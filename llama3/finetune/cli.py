@@ -8,20 +8,20 @@ import sys
 from pathlib import Path
 
 from ..errors import Llama3Error
-from ..lora import HF_MODULES, TARGETS, LoraConfig
+from ..lora import FROM_HF, TARGETS, LoraConfig
+from ..options import apply_threads, parse_device
 
 
 def _targets(text: str) -> tuple[str, ...]:
     """``wq,wv`` or ``q_proj,v_proj`` or ``all`` -> Meta's short names."""
     if text.strip() == "all":
         return tuple(TARGETS)
-    by_hf = {hf.rsplit(".", 1)[1]: short for short, hf in HF_MODULES.items()}
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TARGETS and t not in by_hf]
+    unknown = [t for t in names if t not in TARGETS and t not in FROM_HF]
     if unknown or not names:
         raise Llama3Error(f"--lora-targets: unknown {', '.join(unknown) or 'empty list'} "
                           f"(use {', '.join(TARGETS)}, their Hugging Face names, or all)")
-    return tuple(dict.fromkeys(by_hf.get(t, t) for t in names))
+    return tuple(dict.fromkeys(FROM_HF.get(t, t) for t in names))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .trainer import TrainConfig, Trainer
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise Llama3Error(f"--threads must be >= 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.max_seq_len < 2:
         raise Llama3Error(f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
@@ -96,12 +93,7 @@ def run(args: argparse.Namespace) -> int:
         if d is not None and (d.truncated or d.dropped):
             print(f"{d.path}: {d.truncated} records cut to {args.max_seq_len} tokens, {d.dropped} dropped "
                   "(no answer token within the limit)", file=sys.stderr)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise Llama3Error(f"invalid --device {args.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Llama3Error(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device) or torch.device("cpu")
     model = load_model(path, device=device, dtype=torch.float32, quantize=None if args.no_quant else "auto")
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     trainer = Trainer(model, train, config, args.out, eval_data=evaluation, pad_id=pad, base_model=str(path))

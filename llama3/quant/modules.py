@@ -144,6 +144,10 @@ class QuantEmbedding(nn.Module):
         values = dequantize_rows(rows, self.ggml_type).to(self.dtype_ref.dtype)
         return values.view(*tokens.shape, self.embedding_dim)
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table (num_embeddings, embedding_dim), as gguf would dequantize it (then cast)."""
+        return dequantize_rows(self.blocks, self.ggml_type).to(dtype)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, {_type_name(self.ggml_type)}, dtype={self.dtype_ref.dtype}"
