@@ -112,11 +112,12 @@ class Engine:
         seed: int | None = None,
         threads: int | None = None,
         prefix_cache: bool = True,
+        prompt_lookup: int = 0,
     ) -> None:
         if max_queue < 0:
             raise GenerationError(f"invalid engine limits: max_queue={max_queue} (>= 0)")
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, prompt_lookup=prompt_lookup)
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
         self.device = model.device

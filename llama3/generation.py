@@ -87,11 +87,13 @@ class Llama:
 
     ``prefix_cache``: a new prompt that starts with what a free KV-cache slot already holds (the previous turn
     of a chat, a shared instruction) prefills only the rest, with the same numbers as a cold prefill.
+    ``prompt_lookup``: up to this many draft tokens per decode step, copied from the sequence's own context and
+    verified in the same step (``llama3.lookup``); the output is unchanged, only sooner. 0 (default): off.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
-        *, prefix_cache: bool = True,
+        *, prefix_cache: bool = True, prompt_lookup: int = 0,
     ) -> None:
         if not 1 <= max_seq_len <= model.config.max_seq_len:
             raise GenerationError(
@@ -108,7 +110,8 @@ class Llama:
         # No other streams wait on this driver's steps, so every admitted prompt is prefilled before the next
         # decode step (all rows then decode together, the cheapest order); chunks stay at fixed offsets.
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_seq_len=max(2, max_seq_len),
-                                   prefix_cache=prefix_cache, tokens_per_step=max_batch_size * max_seq_len)
+                                   prefix_cache=prefix_cache, tokens_per_step=max_batch_size * max_seq_len,
+                                   prompt_lookup=prompt_lookup)
 
     @staticmethod
     def build(
@@ -125,13 +128,14 @@ class Llama:
         default_max_seq_len: int = 2048,
         prefix_cache: bool = True,
         lora: str | Path | None = None,
+        prompt_lookup: int = 0,
     ) -> Llama:
         """Load a checkpoint (Meta dir, Hugging Face dir or .gguf file; None = the default model) and tokenizer.
 
         The tokenizer is found in the checkpoint when ``tokenizer_path`` is None. ``max_seq_len`` None takes
         ``default_max_seq_len`` or the model's context length, whichever is smaller; an explicit value beyond
         the model's context is an error. ``lora``: a LoRA adapter directory (PEFT's format) applied to every
-        generation.
+        generation. ``prompt_lookup``: draft tokens per step for prompt-lookup decoding (0 = off; see ``Llama``).
         """
         if model_parallel_size not in (None, 1):
             raise GenerationError(
@@ -155,7 +159,8 @@ class Llama:
             )
         if max_seq_len is None:
             max_seq_len = min(default_max_seq_len, model.config.max_seq_len)
-        llm = Llama(model, tokenizer, max_seq_len, max_batch_size, seed, prefix_cache=prefix_cache)
+        llm = Llama(model, tokenizer, max_seq_len, max_batch_size, seed, prefix_cache=prefix_cache,
+                    prompt_lookup=prompt_lookup)
         llm.load_seconds = time.perf_counter() - start
         return llm
 

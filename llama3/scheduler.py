@@ -18,6 +18,15 @@ that slot and prefills only the rest. Only whole chunks computed by prefill at t
 so a hit gives exactly the numbers of a cold prefill; decode-written positions and partial chunks are
 recomputed. Without a hit, the least recently used free slot is taken.
 
+Prompt lookup (``prompt_lookup`` > 0, off by default): a decode step also feeds each sequence's draft, the
+tokens that followed the last earlier occurrence of its latest n-gram (``llama3.lookup``), as extra rows at the
+next positions of the same cache row. ``Sequence.accept`` then takes the step's logits one position after
+another and stops at the first token that differs from the draft. Each logit it sees is the one plain decoding
+would compute at that point: bit for bit on the quantized CPU kernels, which compute each row alone whatever
+else shares the step, so the tokens, sampled ones included, are plain decoding's and only the number of steps
+drops; up to float rounding elsewhere (attention over a longer key range rounds differently, as batching does). Keys and values
+written for rejected draft positions lie beyond the sequence's position and are overwritten before any read.
+
 LoRA adapters: each sequence runs with its own (``GenerationSpec.adapter``, else the model's engaged one), rows
 of one decode step with different adapters alike; a slot's cached chunks are reused only by a sequence with
 the adapter that computed them.
@@ -34,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GenerationError
+from .lookup import PromptLookup
 from .model import Transformer
 from .sequence import Sequence, check_prompt
 
@@ -41,6 +51,10 @@ log = logging.getLogger("llama3.scheduler")
 
 PREFILL_CHUNK = 256
 PREFILL_TOKENS_PER_STEP = 256
+# Most rows (real inputs + drafts) in one speculative decode step. Up to this many rows the quantized CPU
+# kernels stream each weight once for all rows (llama3.quant.native.FUSED_MAX_ROWS), so drafts cost little,
+# and the output head keeps computing every row alone, which the exactness above relies on.
+LOOKUP_MAX_ROWS = 32
 
 
 @dataclass
@@ -55,6 +69,8 @@ class _Slot:
     position: int = 0  # prompt tokens in the cache while prefilling; then where ``last`` goes next step
     ready: bool = False  # prefilled and holding its first token: takes part in decode steps
     last: int = 0
+    lookup: PromptLookup | None = None  # the sequence's draft source, with prompt lookup on
+    draft_len: int = 0  # how many draft tokens to ask for next (adapts to how many were accepted)
 
 
 class Scheduler:
@@ -67,7 +83,7 @@ class Scheduler:
 
     def __init__(
         self, model: Transformer, *, max_batch_size: int, max_seq_len: int, prefix_cache: bool = True,
-        chunk: int | None = None, tokens_per_step: int | None = None,
+        chunk: int | None = None, tokens_per_step: int | None = None, prompt_lookup: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise GenerationError(f"invalid limits: max_batch_size={max_batch_size} (>= 1), max_seq_len={max_seq_len} (>= 2)")
@@ -75,6 +91,9 @@ class Scheduler:
             raise GenerationError(f"max_seq_len={max_seq_len} exceeds the model's context length {model.config.max_seq_len}")
         self.model, self.max_batch_size, self.max_seq_len = model, max_batch_size, max_seq_len
         self.prefix_cache = prefix_cache
+        if prompt_lookup < 0:
+            raise GenerationError(f"prompt_lookup={prompt_lookup} must be >= 0 (draft tokens per step; 0 = off)")
+        self.prompt_lookup = prompt_lookup
         self.chunk = chunk or PREFILL_CHUNK
         self.tokens_per_step = tokens_per_step or PREFILL_TOKENS_PER_STEP
         self.device = model.device
@@ -87,6 +106,8 @@ class Scheduler:
         self.prompt_tokens = 0  # prompt tokens of admitted sequences
         self.prefix_hits = 0  # admissions that reused cached chunks
         self.prefix_tokens = 0  # prompt tokens not prefilled thanks to the cache
+        self.draft_tokens = 0  # prompt-lookup draft tokens fed to decode steps
+        self.accepted_draft_tokens = 0  # of which the model's own choice matched
         self.claim()
 
     def _adapter(self, seq: Sequence) -> str | None:
@@ -165,6 +186,8 @@ class Scheduler:
             "prompt_tokens": self.prompt_tokens,
             "prefix_cache_hits": self.prefix_hits,
             "prefix_cache_tokens": self.prefix_tokens,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
         }
 
     def remove(self, seqs: list[Sequence]) -> None:
@@ -247,6 +270,8 @@ class Scheduler:
             slot.cached = slot.cached[:reuse]
             slot.cached_adapter = self._adapter(seq)
             slot.seq, slot.position, slot.ready, slot.admitted = seq, reuse, False, self._clock
+            slot.lookup = PromptLookup() if self.prompt_lookup else None
+            slot.draft_len = self.prompt_lookup
             self.prompt_tokens += len(prompt)
             if reuse:
                 self.prefix_hits += 1
@@ -284,6 +309,10 @@ class Scheduler:
             self._accept(slot, logits[-1], changed)
 
     def _decode(self, changed: list[Sequence]) -> None:
+        drafts = self._drafts() if self.prompt_lookup else {}
+        if drafts:
+            self._decode_drafts(drafts, changed)
+            return
         # Rows 0..highest busy slot run together: a contiguous range lets the KV cache hand out views instead
         # of gathering rows. Other rows compute a throwaway row whose cache write lands where nothing is kept:
         # a slot still prefilling at its next prompt position (its next chunk overwrites it), a free slot just
@@ -314,6 +343,76 @@ class Scheduler:
             if slot.ready and slot.seq is not None:
                 slot.position += 1
                 self._guard([slot], changed, lambda: self._accept(slot, logits[i, -1], changed))
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """Draft tokens per slot index (only slots that have some), within the step's row budget."""
+        ready = [(i, s) for i, s in enumerate(self.slots) if s.seq is not None and s.ready]
+        spare = LOOKUP_MAX_ROWS - len(ready)
+        drafts: dict[int, list[int]] = {}
+        for i, slot in ready:
+            seq = slot.seq
+            # Room: the budget's last token comes from the last row's logits, and every position must fit.
+            room = min(slot.draft_len, spare, seq.spec.max_tokens - len(seq.generated) - 1,
+                       self.max_seq_len - 1 - slot.position)
+            if room <= 0 or slot.lookup is None:
+                continue
+            draft = slot.lookup.draft([*seq.spec.prompt, *seq.generated], room)
+            if draft:
+                drafts[i] = draft
+                spare -= len(draft)
+        return drafts
+
+    def _decode_drafts(self, drafts: dict[int, list[int]], changed: list[Sequence]) -> None:
+        """One decode step over every ready slot's next input and its draft (one row per token, each at its
+        own position in its slot's cache row), then acceptance position by position."""
+        spans: list[tuple[int, int, list[int]]] = []  # slot index, first row, draft
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        for i, slot in enumerate(self.slots):
+            if slot.seq is None or not slot.ready:
+                continue
+            draft = drafts.get(i, [])
+            spans.append((i, len(tokens), draft))
+            tokens += [slot.last, *draft]
+            positions += range(slot.position, slot.position + 1 + len(draft))
+            rows += [i] * (1 + len(draft))
+        row_seqs = [self.slots[i].seq for i in rows]
+        try:
+            with self._route(row_seqs):
+                logits = self.model(
+                    torch.tensor(tokens, device=self.device)[:, None],
+                    torch.tensor(positions, device=self.device),
+                    last_only=True,
+                    kv_len=max(positions) + 1,
+                    cache_rows=torch.tensor(rows, device=self.device),
+                )
+        except Exception as exc:  # noqa: BLE001 - as in _decode
+            log.exception("decode step failed")
+            for i, _, _ in spans:
+                self._finish_failed(self.slots[i], f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+            return
+        self.steps += 1
+        for i, first, draft in spans:
+            slot = self.slots[i]
+            self.draft_tokens += len(draft)
+            self._guard([slot], changed, lambda: self._accept_drafted(slot, logits[first : first + 1 + len(draft), -1],
+                                                                      draft, changed))
+
+    def _accept_drafted(self, slot: _Slot, logits: torch.Tensor, draft: list[int], changed: list[Sequence]) -> None:
+        """Accept tokens from rows' logits in order while the chosen token is the draft's next one (row j's
+        logits assumed draft[:j] came next)."""
+        for j in range(len(logits)):
+            slot.position += 1
+            self._accept(slot, logits[j], changed)
+            if slot.seq is None or j == len(draft) or slot.last != draft[j]:
+                break
+            self.accepted_draft_tokens += 1
+        # Every draft row costs compute: ask for more after a draft taken whole, fewer after a miss (as
+        # transformers' assisted generation adapts its draft length).
+        if draft:
+            whole = j == len(draft)
+            slot.draft_len = min(self.prompt_lookup, slot.draft_len + 2) if whole else max(1, slot.draft_len - 1)
 
     def _accept(self, slot: _Slot, logits: torch.Tensor, changed: list[Sequence]) -> None:
         seq = slot.seq
