@@ -338,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or "default model (SmolLM2-135M-Instruct)"
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"llama3 bench: {model} on {llm.device}, {threads} threads, {args.warmup} warm-up + {args.repeat} runs")
+    kernels = kernel_path(llm)
+    log(f"kernels: {kernels}")
     figures = measure(llm, workloads, args.repeat, args.warmup, log, chat_history=args.chat_history)
     result = {
         "engine": "llama3",
@@ -345,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(llm.device),
         "threads": threads,
         "quantized": not args.no_quant,
+        "kernels": kernels,
         "load_s": llm.load_seconds,
         "baseline_rss_mb": baseline,
         "workload": {
@@ -358,6 +361,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def kernel_path(llm) -> str:
+    """Which kernels this model runs: the CPU level (``llama3.quant.cpu``) on CPU, else the device."""
+    if llm.device.type != "cpu":
+        return f"{llm.device.type} (torch)"
+    from .quant import cpu
+    from .quant.modules import QuantLinear
+
+    if not any(isinstance(m, QuantLinear) and m.native for m in llm.model.modules()):
+        return f"{cpu.current().describe()}; this model has no quantized matrices: torch's float path"
+    fused = "fused decode kernel" if llm.model.decode_kernel is not None else "decode through the torch layers"
+    return f"{cpu.current().describe()}; {fused}"
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import cpu, native
 from .blocks import FORMATS, dequantize_rows
 
 # The portable path dequantizes at most this many bytes of float weights at a time.
@@ -49,6 +49,8 @@ class QuantLinear(nn.Module):
 
     def _choose_path(self) -> None:
         self.native = self.ggml_type in NATIVE_TYPES and self.blocks.device.type == "cpu" and native.available()
+        # Many-row products (prefill) in bfloat16 where the CPU has bf16 units (``cpu``); few rows never.
+        self.prefill_dtype = cpu.current().prefill_dtype if self.native else torch.float32
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the blocks; pick the kernel for the new device once here, not on every call.
@@ -63,9 +65,23 @@ class QuantLinear(nn.Module):
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:  # the op flattens, casts and restores x's shape and dtype itself
+        if self.native:
+            if self.prefill_dtype != torch.float32 and x.numel() > native.FUSED_MAX_ROWS * self.in_features:
+                return self._gemm_lowp(x)
+            # The op flattens, casts and restores x's shape and dtype itself.
             return native.qmatmul(x, self.blocks, self.ggml_type, self.in_features)
         return self._portable(x.reshape(-1, self.in_features)).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _gemm_lowp(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with W decoded a slab of rows at a time into ``prefill_dtype`` and torch's GEMM (oneDNN runs
+        bfloat16 on AVX512_BF16 / AMX); each slab's result lands in a float32 output."""
+        x2 = x.reshape(-1, self.in_features).to(self.prefill_dtype)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        rows = max(16, native.SLAB_BYTES // (4 * self.in_features))
+        for i in range(0, self.out_features, rows):
+            w = self._dequantized_rows(i, min(i + rows, self.out_features)).to(self.prefill_dtype)
+            out[:, i : i + w.shape[0]] = F.linear(x2, w)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
         """grad_out (..., N) @ W: the gradient of the input, decoding W one slab of rows at a time."""

@@ -2,7 +2,7 @@
 
 The first call on a machine compiles the C++ files with the system compiler (about 15 s; cached afterwards
 under torch's extension directory, keyed by the sources' hash). Where that is impossible (no C++ compiler,
-not x86-64 Linux, no AVX2, or ``LLAMA3_QUANT_NATIVE=0``) ``available()`` is False and the quantized modules
+not x86-64 Linux, no AVX2, or ``LLAMA3_CPU_LEVEL=portable``: see ``cpu``) ``available()`` is False and the quantized modules
 use their portable torch path instead, with one warning saying why. Anything else that stops the build (a
 kernel file missing from the install, a compile error) raises ``NativeBuildError``: that is a broken
 install, and silently running several times slower would hide it.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Llama3Error
+from . import cpu
 
 # kernels.h is not a source: ninja's dependency tracking rebuilds the objects when it changes.
 SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("decode.cpp")]
@@ -50,6 +51,8 @@ def available() -> bool:
     Raises ``NativeBuildError`` (and retries on the next call) when they should build but do not.
     """
     global _loaded
+    if not cpu.current().native_kernels:  # LLAMA3_CPU_LEVEL=portable (or LLAMA3_QUANT_NATIVE=0)
+        return False
     if _loaded is None:
         with _lock:
             if _loaded is None:
@@ -58,8 +61,6 @@ def available() -> bool:
 
 
 def _unsupported_reason() -> str | None:
-    if os.environ.get("LLAMA3_QUANT_NATIVE", "1") == "0":
-        return "disabled by LLAMA3_QUANT_NATIVE=0"
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"no kernels for {sys.platform}/{platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -84,8 +85,6 @@ def _missing_files() -> list[Path]:
 def _load() -> bool:
     reason = _unsupported_reason()
     if reason is not None:
-        if reason.startswith("disabled"):
-            return False
         warnings.warn(f"llama3.quant: {reason}; quantized layers use the slower portable path", stacklevel=3)
         return False
     # Checked before the compiler so that a broken install is reported even where it could not build anyway.
@@ -94,7 +93,7 @@ def _load() -> bool:
         raise NativeBuildError(
             f"llama3.quant: missing kernel file(s) {', '.join(map(str, missing))}: this llama3 install is "
             "incomplete (reinstall it; its wheel must ship llama3/quant/*.cpp and *.h). "
-            "LLAMA3_QUANT_NATIVE=0 runs without the kernels, several times slower."
+            "LLAMA3_CPU_LEVEL=portable runs without the kernels, several times slower."
         )
     compiler = _compiler()
     if compiler is None:
@@ -126,7 +125,7 @@ def _load() -> bool:
         # torch's message carries the compiler output; say what failed and how to run meanwhile.
         raise NativeBuildError(
             f"llama3.quant: building the CPU kernels with {compiler} failed "
-            "(LLAMA3_QUANT_NATIVE=0 runs without them, several times slower):\n"
+            "(LLAMA3_CPU_LEVEL=portable runs without them, several times slower):\n"
             f"{type(exc).__name__}: {exc}"
         ) from exc
     finally:
