@@ -365,15 +365,19 @@ def run(args: argparse.Namespace) -> int:
 
 def kernel_path(llm) -> str:
     """Which kernels this model runs: the CPU level (``llama3.quant.cpu``) on CPU, else the device."""
+    from .compiled import CompiledDecode
+
+    kernel = llm.model.decode_kernel
+    decode = (f"decode compiled (torch.compile, mode {kernel.mode})" if isinstance(kernel, CompiledDecode)
+              else "fused decode kernel" if kernel is not None else "decode through the torch layers")
     if llm.device.type != "cpu":
-        return f"{llm.device.type} (torch)"
+        return f"{llm.device.type}: torch, {llm.model.norm.weight.dtype}; {decode}"
     from .quant import cpu
     from .quant.modules import QuantLinear
 
     if not any(isinstance(m, QuantLinear) and m.native for m in llm.model.modules()):
-        return f"{cpu.current().describe()}; this model has no quantized matrices: torch's float path"
-    fused = "fused decode kernel" if llm.model.decode_kernel is not None else "decode through the torch layers"
-    return f"{cpu.current().describe()}; {fused}"
+        return f"{cpu.current().describe()}; no quantized matrices: torch's float path; {decode}"
+    return f"{cpu.current().describe()}; {decode}"
 
 
 def format_report(result: dict[str, Any]) -> str:

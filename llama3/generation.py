@@ -129,6 +129,7 @@ class Llama:
         prefix_cache: bool = True,
         lora: str | Path | None = None,
         prompt_lookup: int = 0,
+        compile: bool = False,
     ) -> Llama:
         """Load a checkpoint (Meta dir, Hugging Face dir or .gguf file; None = the default model) and tokenizer.
 
@@ -136,6 +137,8 @@ class Llama:
         ``default_max_seq_len`` or the model's context length, whichever is smaller; an explicit value beyond
         the model's context is an error. ``lora``: a LoRA adapter directory (PEFT's format) applied to every
         generation. ``prompt_lookup``: draft tokens per step for prompt-lookup decoding (0 = off; see ``Llama``).
+        ``compile``: decode steps through one ``torch.compile``d graph (``llama3.compiled``; CUDA graphs on a GPU),
+        unless the model has its own decode kernel (quantized CPU models).
         """
         if model_parallel_size not in (None, 1):
             raise GenerationError(
@@ -151,6 +154,10 @@ class Llama:
 
             load_adapter(model, Path(lora).expanduser(), "default")
             adapters(model).use("default")
+        if compile:
+            from . import compiled
+
+            compiled.enable(model)
         tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else path)
         if tokenizer.n_words > model.config.vocab_size:
             raise GenerationError(

@@ -245,6 +245,24 @@ class Transformer(nn.Module):
         key_pos = torch.arange(kv_len, device=device)
         return rope, (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1), kv_len  # (B, 1, T, S)
 
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int | None,
+        cache_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Every layer as written, on embeddings ``h`` (B, T, dim) at ``positions`` (B, T); ``forward``'s rules."""
+        rope, mask, kv_len = self._attention_inputs(start_pos, positions, kv_len)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                h = checkpoint(layer, h, rope, positions, mask, kv_len, cache_rows, use_reentrant=False)
+            else:
+                h = layer(h, rope, positions, mask, kv_len, cache_rows)
+        return h
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -296,13 +314,7 @@ class Transformer(nn.Module):
         if kernel is not None and kernel.usable(self, h):
             h = kernel(self, h, positions[:, 0], cache_rows)
         else:
-            rope, mask, kv_len = self._attention_inputs(start_pos, positions, kv_len)
-            recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-            for layer in self.layers:
-                if recompute:
-                    h = checkpoint(layer, h, rope, positions, mask, kv_len, cache_rows, use_reentrant=False)
-                else:
-                    h = layer(h, rope, positions, mask, kv_len, cache_rows)
+            h = self.run_layers(h, start_pos, positions, kv_len, cache_rows)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -28,6 +28,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_seq_len: int = 2
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="activation/weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--no-quant", action="store_true", help="expand quantized GGUF weights to --dtype (exact float path; slower, more memory)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    group.add_argument("--compile", action="store_true",
+                       help="decode steps as one torch.compile'd graph (CUDA graphs on a GPU; compiles on first use; "
+                       "quantized CPU models keep their own faster kernel)")
     group.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                        help="speculative decoding: up to N draft tokens per step copied from the context, verified "
                        "in the same step; same output, fewer steps where answers copy their prompt (default 0 = off)")
@@ -121,7 +124,7 @@ def build_llm(args: argparse.Namespace, *, announce: bool = True):
         args.model, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
         device=device, dtype=dtype, quantize=None if args.no_quant else "auto",
         default_max_seq_len=args.default_max_seq_len, lora=args.lora if isinstance(args.lora, str) else None,
-        prompt_lookup=args.prompt_lookup,
+        prompt_lookup=args.prompt_lookup, compile=args.compile,
     )  # fmt: skip
     if announce and not getattr(args, "no_stats", False):
         name = args.model or "default model (SmolLM2-135M-Instruct)"
