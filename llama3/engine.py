@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -54,6 +55,26 @@ class Delta:
     completion_tokens: int = 0
     error: str | None = None
     error_kind: str | None = None
+
+
+class EngineObserver(Protocol):
+    """Receives token timings from the engine's thread (``llama3.server.metrics`` implements it)."""
+
+    def first_token(self, seconds: float) -> None:
+        """A sequence's first token, ``seconds`` after its submission."""
+
+    def next_tokens(self, count: int, seconds: float) -> None:
+        """``count`` more tokens of a sequence, ``seconds`` after its previous ones."""
+
+    def finished(self, reason: str, seconds: float) -> None:
+        """A sequence ended (``finish_reason``), ``seconds`` after its submission."""
+
+
+@dataclass
+class _Timing:
+    submitted: float
+    last: float
+    tokens: int = 0
 
 
 class Submission:
@@ -113,6 +134,7 @@ class Engine:
         threads: int | None = None,
         prefix_cache: bool = True,
         prompt_lookup: int = 0,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_queue < 0:
             raise GenerationError(f"invalid engine limits: max_queue={max_queue} (>= 0)")
@@ -129,6 +151,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain_deadline: float | None = None  # set by drain(): no admissions, then end what is left
+        self.observer = observer
+        self._timings: dict[int, _Timing] = {}  # id(sequence) -> its clock, while an observer listens
 
     # -- public, called from other threads -----------------------------------------------------------------
 
@@ -207,6 +231,10 @@ class Engine:
                     f"{waiting} waiting (max-queue {self.max_queue}); retry later"
                 )
             self._incoming.extend(seqs)
+            if self.observer is not None:
+                start = time.monotonic()
+                for seq in seqs:
+                    self._timings[id(seq)] = _Timing(start, start)
             self._cond.notify_all()
         return submission
 
@@ -243,6 +271,8 @@ class Engine:
             self._emit(seq)
 
     def _emit(self, seq: Generation) -> None:
+        if self.observer is not None:
+            self._observe(seq)
         submission, index = seq.tag
         text, entries = seq.take_delta()
         if text or entries or seq.done:
@@ -250,3 +280,23 @@ class Engine:
                 text=text, logprobs=entries, finish_reason=seq.finish_reason,
                 completion_tokens=len(seq.generated), error=seq.error, error_kind=seq.error_kind,
             ))  # fmt: skip
+
+    def _observe(self, seq: Generation) -> None:
+        with self._cond:
+            timing = self._timings.pop(id(seq), None) if seq.done else self._timings.get(id(seq))
+        if timing is None:  # submitted before the observer was set
+            return
+        now, count = time.monotonic(), len(seq.generated)
+        try:
+            if count > timing.tokens:
+                if timing.tokens == 0:
+                    self.observer.first_token(now - timing.submitted)
+                    if count > 1:
+                        self.observer.next_tokens(count - 1, now - timing.submitted)
+                else:
+                    self.observer.next_tokens(count - timing.tokens, now - timing.last)
+                timing.tokens, timing.last = count, now
+            if seq.done:
+                self.observer.finished(seq.finish_reason or "error", now - timing.submitted)
+        except Exception:  # noqa: BLE001 - metrics must never stop generation
+            log.exception("engine observer failed")

@@ -150,6 +150,11 @@ def test_api_key_is_required_on_v1_routes(server):
     bad = OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model=MODEL_NAME, messages=FRANCE, max_tokens=2)
+    # A browser's CORS preflight carries no credentials: without --cors-origin it gets a 204 that allows nothing
+    # (the browser then refuses the call), never a 401 or 405.
+    preflight = httpx.options(server + CHAT, timeout=10, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 204 and "access-control-allow-origin" not in preflight.headers
 
 
 def test_special_token_text_never_becomes_a_control_token(server, client, tokenizer):

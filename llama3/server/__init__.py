@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
     server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LLAMA3_API_KEY if set)")
+                        help="require 'Authorization: Bearer KEY' on /v1, /api and /metrics (default: $LLAMA3_API_KEY if set)")
+    server.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages from ORIGIN call the API from a browser (repeatable; '*' for any; "
+                        "default: none)")
     server.add_argument("--max-queue", type=int, default=512,
                         help="sequences that may wait for a free slot, beyond the --max-batch-size generating; "
                         "past that, requests get 429 with Retry-After (default %(default)s, as OLLAMA_MAX_QUEUE)")
@@ -73,7 +76,8 @@ def serve(args: argparse.Namespace) -> None:
     adapters = load_adapters(llm.model, args.lora, name)
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=llm.max_seq_len,
                     max_queue=args.max_queue, seed=args.seed, threads=args.threads, prompt_lookup=args.prompt_lookup)
-    app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters)
+    app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters,
+                     cors_origins=args.cors_origin)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     # uvicorn's own graceful timeout is the backstop: past the engine's deadline, the ended streams still

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI's routes over a running ``Engine``.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (streaming as server-sent events), plus FastAPI's ``/openapi.json`` and ``/docs``.
+Routes: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent events), plus FastAPI's
+``/openapi.json`` and ``/docs``.
 Handlers only validate, submit and reshape; generation happens on the engine's thread. A client that goes
 away cancels its sequences: streaming responses notice when the connection closes, non-streaming ones poll.
 """
@@ -10,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..engine import Delta, Engine, EngineClosedError, QueueFullError, Submission
 from ..errors import TokenizerError
-from .errors import APIError, APIKeyMiddleware, error_body, install_error_handlers
+from .errors import APIError, APIKeyMiddleware, PreflightMiddleware, error_body, install_error_handlers
+from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .openapi import install_openapi
 from .protocol import (
     LogprobFormatter,
@@ -90,11 +94,13 @@ def generation_error(message: str, kind: str | None, engine_alive: bool) -> APIE
     return APIError(500, message, type="server_error")
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, adapters: Sequence[str] = ()) -> FastAPI:
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, adapters: Sequence[str] = (),
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The server for ``engine``; the engine is started with the app and stopped when it shuts down.
 
     ``adapters``: names of the LoRA adapters loaded into the engine's model; a request whose ``model`` is one of
     them runs with it (in the same batches as the others), any other ``model`` with the base model.
+    ``cors_origins``: browser origins allowed to call the API ("*" for any); none by default.
     """
 
     @asynccontextmanager
@@ -111,9 +117,22 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
     )
     install_error_handlers(app)
     install_openapi(app, api_key=bool(api_key))
+    metrics = Metrics(engine, model_name)
+    if engine.observer is None:
+        engine.observer = metrics
+    # Each add_middleware wraps the ones before it: CORS outermost (its headers reach even a 401, and it answers
+    # preflights before any key is asked for), then the request counter (which sees the 401s), then the key.
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"],
+                           max_age=600)
+    else:
+        app.add_middleware(PreflightMiddleware)
     created = now()
+    # Which build answered (OpenAI's system_fingerprint): changes with the engine version or the model served.
+    fingerprint = "fp_" + hashlib.sha256(f"{__version__}:{model_name}".encode()).hexdigest()[:10]
     tokenizer = engine.tokenizer
     formatter = LogprobFormatter(tokenizer)
 
@@ -162,7 +181,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
-    async def chunks(submission: Submission, plan: Plan, make: Callable[..., dict[str, Any]],
+    async def chunks(submission: Submission, plan: Plan, make: Callable[..., Any],
                      first: Callable[[int], dict[str, Any] | None]) -> AsyncIterator[str]:
         """SSE events of a streaming response: per delta ``make(index, delta)``, then the usage chunk."""
         for index in range(len(plan.specs)):
@@ -177,12 +196,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
                 continue
             if delta.text or delta.logprobs or finish_reason(delta):
                 event = make(index, delta)
-                if event is not None:  # None: nothing to send yet (text held back)
-                    yield sse(event)
+                # None: nothing to send yet (text held back); a list: the last text, then OpenAI's final chunk
+                for item in event if isinstance(event, list) else [event] if event is not None else []:
+                    yield sse(item)
             if delta.finish_reason is not None:
                 completion_tokens += delta.completion_tokens
         if plan.include_usage:
             yield sse(make(None, None) | {"choices": [], "usage": usage(plan.prompt_tokens, completion_tokens)})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", summary="Liveness and load")
     async def health() -> dict[str, Any]:
@@ -219,7 +243,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
         adapter, answered_by = served(req.model)
         submission = submit(plan, adapter)
         rid, stamp = new_id("chatcmpl"), now()
-        base = {"id": rid, "created": stamp, "model": answered_by}
+        base = {"id": rid, "created": stamp, "model": answered_by, "system_fingerprint": fingerprint}
 
         if req.stream:
             extra = {"usage": None} if plan.include_usage else {}
@@ -243,7 +267,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
                     return None  # a held-back tool call: nothing to send yet
                 choice = {"index": index, "delta": content,
                           "logprobs": formatter.chat(logprobs) if logprobs else None, "finish_reason": finish}
-                return {**base, "object": "chat.completion.chunk", "choices": [choice], **extra}
+                event = {**base, "object": "chat.completion.chunk", "choices": [choice], **extra}
+                if finish is None or not (content or logprobs):
+                    return event
+                # OpenAI ends a choice with a chunk of its own: an empty delta and the finish reason.
+                last = {**base, "object": "chat.completion.chunk", **extra,
+                        "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}]}
+                choice["finish_reason"] = None
+                return [event, last]
 
             def opening(index: int) -> dict[str, Any]:
                 return chunk(index, None, {"role": "assistant", "content": ""})
@@ -273,7 +304,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
         adapter, answered_by = served(req.model)
         submission = submit(plan, adapter)
         rid, stamp = new_id("cmpl"), now()
-        base = {"id": rid, "object": "text_completion", "created": stamp, "model": answered_by}
+        base = {"id": rid, "object": "text_completion", "created": stamp, "model": answered_by,
+                "system_fingerprint": fingerprint}
         per_prompt = req.n or 1
         echoes = [tokenizer.decode(p) if req.echo else "" for p in prompts]
         want_logprobs = req.logprobs is not None
@@ -289,9 +321,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
                 if want_logprobs and delta is not None:
                     logprobs = formatter.legacy(delta.logprobs, offsets[index])
                     offsets[index] += sum(len(e.text) for e in delta.logprobs)
+                finish = finish_reason(delta) if delta is not None else None
                 choice = {"index": index, "text": delta.text if text is None else text, "logprobs": logprobs,
-                          "finish_reason": finish_reason(delta) if delta is not None else None}
-                return {**base, "choices": [choice], **extra}
+                          "finish_reason": finish}
+                event = {**base, "choices": [choice], **extra}
+                if finish is None or not (choice["text"] or logprobs):
+                    return event
+                choice["finish_reason"] = None  # as OpenAI: the last text, then a chunk with the finish reason
+                last = {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
+                return [event, {**base, "choices": [last], **extra}]
 
             def opening(index: int) -> dict[str, Any] | None:
                 echo = echoes[index // per_prompt]

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -126,8 +126,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(500, f"internal server error: {type(exc).__name__}", type="server_error"))
 
 
+# Routes behind --api-key: the APIs and the metrics. /health stays open for load balancers, and CORS preflights
+# (which browsers send without credentials) are answered before any key is asked for.
+PROTECTED_PREFIXES = ("/v1", "/api", "/metrics")
+
+
+def _protected(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES)
+
+
+def is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method."""
+    if scope["type"] != "http" or scope["method"] != "OPTIONS":
+        return False
+    headers = dict(scope["headers"])
+    return b"origin" in headers and b"access-control-request-method" in headers
+
+
 class APIKeyMiddleware:
-    """With an API key set, every ``/v1`` route needs ``Authorization: Bearer <key>`` (401 otherwise).
+    """With an API key set, every ``/v1``, ``/api`` and ``/metrics`` route needs ``Authorization: Bearer <key>``
+    (401 otherwise); CORS preflights pass.
 
     A plain ASGI middleware (not BaseHTTPMiddleware) so streaming and disconnect detection pass through
     untouched, and it runs before the body is parsed: a bad key is a 401 whatever the body holds.
@@ -137,7 +155,7 @@ class APIKeyMiddleware:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        if scope["type"] == "http" and _protected(scope["path"]) and not is_preflight(scope):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             # Compare in constant time so the key cannot be guessed from response timing.
@@ -147,4 +165,18 @@ class APIKeyMiddleware:
                                           headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class PreflightMiddleware:
+    """Without ``--cors-origin``, answer CORS preflights with 204 and no Access-Control-Allow-* headers: the
+    browser then refuses the cross-origin call, as it should, instead of seeing a 401 or 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_preflight(scope):
+            await Response(status_code=204)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
