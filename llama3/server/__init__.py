@@ -77,7 +77,7 @@ def serve(args: argparse.Namespace) -> None:
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=llm.max_seq_len,
                     max_queue=args.max_queue, seed=args.seed, threads=args.threads, prompt_lookup=args.prompt_lookup)
     app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters,
-                     cors_origins=args.cors_origin)
+                     cors_origins=args.cors_origin, model_path=path)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     # uvicorn's own graceful timeout is the backstop: past the engine's deadline, the ended streams still

@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI's routes over a running ``Engine``.
 
-Routes: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``GET /v1/models/{id}``,
+Routes: ``GET /health``, ``GET /metrics`` (Prometheus), Ollama's ``/api/*`` (``ollama.py``), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent events), plus FastAPI's
 ``/openapi.json`` and ``/docs``.
 Handlers only validate, submit and reshape; generation happens on the engine's thread. A client that goes
@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,8 @@ from ..engine import Delta, Engine, EngineClosedError, QueueFullError, Submissio
 from ..errors import TokenizerError
 from .errors import APIError, APIKeyMiddleware, PreflightMiddleware, error_body, install_error_handlers
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from .ollama import Backend as OllamaBackend
+from .ollama import install_ollama_routes
 from .openapi import install_openapi
 from .protocol import (
     LogprobFormatter,
@@ -95,12 +98,13 @@ def generation_error(message: str, kind: str | None, engine_alive: bool) -> APIE
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, adapters: Sequence[str] = (),
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (), model_path: Path | None = None) -> FastAPI:
     """The server for ``engine``; the engine is started with the app and stopped when it shuts down.
 
     ``adapters``: names of the LoRA adapters loaded into the engine's model; a request whose ``model`` is one of
     them runs with it (in the same batches as the others), any other ``model`` with the base model.
-    ``cors_origins``: browser origins allowed to call the API ("*" for any); none by default.
+    ``cors_origins``: browser origins allowed to call the API ("*" for any); none by default. ``model_path``: the
+    checkpoint served, for Ollama's model listings (size, quantization).
     """
 
     @asynccontextmanager
@@ -203,6 +207,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
                 completion_tokens += delta.completion_tokens
         if plan.include_usage:
             yield sse(make(None, None) | {"choices": [], "usage": usage(plan.prompt_tokens, completion_tokens)})
+
+    install_ollama_routes(app, OllamaBackend(engine, model_name, tuple(adapters), model_path, served, submit,
+                                             _watching, generation_error))
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:

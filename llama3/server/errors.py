@@ -42,7 +42,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(error: APIError, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """The error in the shape of the API ``path`` belongs to: Ollama's ``{"error": "..."}`` under /api, else
+    OpenAI's."""
+    if path == "/api" or path.startswith("/api/"):
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers or error.headers)
     body = error_body(error.message, error.type, error.param, error.code)
     return JSONResponse(body, status_code=error.status, headers=headers or error.headers)
 
@@ -102,28 +106,30 @@ def _jsonable(value: Any) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+        return error_response(validation_error(exc), path=request.url.path)
 
     @app.exception_handler(Llama3Error)
     async def _library_error(request: Request, exc: Llama3Error) -> JSONResponse:
         # Library errors reaching here were caused by the request (bad sampling values, malformed dialog).
-        return error_response(APIError(400, str(exc)))
+        return error_response(APIError(400, str(exc)), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} (see /openapi.json)"
-        return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
+        return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None),
+                              path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal server error: {type(exc).__name__}", type="server_error"))
+        return error_response(APIError(500, f"internal server error: {type(exc).__name__}", type="server_error"),
+                              path=request.url.path)
 
 
 # Routes behind --api-key: the APIs and the metrics. /health stays open for load balancers, and CORS preflights
@@ -162,7 +168,7 @@ class APIKeyMiddleware:
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + token.strip(), self.expected)):
                 message = "missing API key: send 'Authorization: Bearer <key>'" if not given else "invalid API key"
                 response = error_response(APIError(401, message, code="invalid_api_key"),
-                                          headers={"WWW-Authenticate": "Bearer"})
+                                          headers={"WWW-Authenticate": "Bearer"}, path=scope["path"])
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
