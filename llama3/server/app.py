@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI's routes over a running ``Engine``.
 
-Routes: ``GET /health``, ``GET /metrics`` (Prometheus), Ollama's ``/api/*`` (``ollama.py``), ``GET /v1/models``, ``GET /v1/models/{id}``,
+Routes: ``GET /`` (the web chat page, ``web/``), ``GET /health``, ``GET /metrics`` (Prometheus), Ollama's ``/api/*`` (``ollama.py``), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent events), plus FastAPI's
 ``/openapi.json`` and ``/docs``.
 Handlers only validate, submit and reshape; generation happens on the engine's thread. A client that goes
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
@@ -210,6 +211,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
 
     install_ollama_routes(app, OllamaBackend(engine, model_name, tuple(adapters), model_path, served, submit,
                                              _watching, generation_error))
+
+    web = Path(__file__).with_name("web")
+    app.mount("/web", StaticFiles(directory=web), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        # The page is public (it holds no secret); its API calls carry the key it asks the user for.
+        return FileResponse(web / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
