@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,16 @@ def launch(args: list[str], log_path: Path, timeout: float = 240) -> tuple[subpr
             proc.kill()
             pytest.fail(f"server did not come up in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.3)
+
+
+@contextmanager
+def running_server(args: list[str], tmp_path_factory, name: str) -> Iterator[str]:
+    """A server process with ``args`` (logging into a fresh temporary folder) for the block; yields its URL."""
+    proc, url = launch(args, tmp_path_factory.mktemp(name) / "server.log")
+    try:
+        yield url
+    finally:
+        shut(proc)
 
 
 def shut(proc: subprocess.Popen) -> None:

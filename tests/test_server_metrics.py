@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_server import KEY, launch, shut
+from test_server import KEY, running_server
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ORIGIN = "http://localhost:5173"
@@ -21,11 +21,8 @@ ORIGIN = "http://localhost:5173"
 def server(tmp_path_factory):
     args = ["--max-seq-len", "256", "--max-batch-size", "2", "--api-key", KEY, "--threads", "1",
             "--log-level", "warning", "--cors-origin", ORIGIN]
-    proc, url = launch(args, tmp_path_factory.mktemp("metrics") / "server.log")
-    try:
+    with running_server(args, tmp_path_factory, "metrics") as url:
         yield url
-    finally:
-        shut(proc)
 
 
 def scrape(server: str) -> dict[str, dict[tuple, float]]:

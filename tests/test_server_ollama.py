@@ -14,7 +14,7 @@ import ollama
 import pytest
 from openai import OpenAI
 
-from test_server import KEY, launch, shut
+from test_server import KEY, running_server
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HI = [{"role": "user", "content": "What is the capital of France? One word."}]
@@ -24,11 +24,8 @@ HI = [{"role": "user", "content": "What is the capital of France? One word."}]
 def server(tmp_path_factory):
     args = ["--max-seq-len", "512", "--max-batch-size", "2", "--api-key", KEY, "--threads", "1",
             "--log-level", "warning", "--model-name", "smollm2"]
-    proc, url = launch(args, tmp_path_factory.mktemp("ollama") / "server.log")
-    try:
+    with running_server(args, tmp_path_factory, "ollama") as url:
         yield url
-    finally:
-        shut(proc)
 
 
 @pytest.fixture(scope="module")

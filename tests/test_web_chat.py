@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_server import KEY, launch, shut
+from test_server import KEY, running_server
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,18 +26,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 def server(tmp_path_factory):
     args = ["--max-seq-len", "1024", "--max-batch-size", "2", "--api-key", KEY, "--threads", "2",
             "--log-level", "warning", "--model-name", "smollm2"]
-    proc, url = launch(args, tmp_path_factory.mktemp("web") / "server.log")
-    try:
+    with running_server(args, tmp_path_factory, "web") as url:
         yield url
-    finally:
-        shut(proc)
 
 
 @pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as pw:
-        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start.
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start; containers often have a tiny
+        # /dev/shm, which crashes Chromium's renderers unless it writes to /tmp instead.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             yield browser
         finally:
