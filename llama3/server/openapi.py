@@ -38,6 +38,13 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
 }
 
+OLLAMA_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+NDJSON_LINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "with stream=true (Ollama's default): one JSON object per line, the last with done=true",
+}
+
 _DESCRIPTIONS = {
     "400": "Invalid request: the message names the parameter and the problem",
     "401": "Missing or invalid API key (Authorization: Bearer KEY)",
@@ -45,13 +52,15 @@ _DESCRIPTIONS = {
     "429": "Every slot is busy and the queue is full; retry after Retry-After seconds",
     "500": "The model failed while generating (a server fault, never the request's)",
     "503": "The engine is not running or the server is shutting down",
+    "501": "Not available on this server yet",
 }
 
 
-def _error(status: str) -> dict[str, Any]:
+def _error(status: str, ollama: bool = False) -> dict[str, Any]:
+    shape = "OllamaError" if ollama else "Error"
     response: dict[str, Any] = {
         "description": _DESCRIPTIONS[status],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}},
     }
     if status == "429":
         response["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
@@ -66,6 +75,7 @@ def install_openapi(app: FastAPI, *, api_key: bool) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        schema["components"]["schemas"]["OllamaError"] = OLLAMA_ERROR_SCHEMA
         for name in ("HTTPValidationError", "ValidationError"):
             schema["components"]["schemas"].pop(name, None)
         for path, operations in schema.get("paths", {}).items():
@@ -73,23 +83,28 @@ def install_openapi(app: FastAPI, *, api_key: bool) -> None:
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)  # validation errors are 400s here
                 codes = []
+                ollama = path.startswith("/api/")
                 if method == "post":
                     codes = ["400", "404", "429", "500", "503"]  # 404: a model name no adapter has
                     ok = responses.setdefault("200", {"description": "Successful Response"})
                     json_body = ok.get("content", {}).get("application/json", {"schema": {}})
-                    ok["content"] = {
-                        "application/json": json_body,
-                        # Before OpenAPI 3.2's itemSchema, an event stream's schema describes one event.
-                        "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
-                    }
-                if "{" in path:
+                    # Before OpenAPI 3.2's itemSchema, a stream's schema describes one event or line.
+                    stream = ("application/x-ndjson", NDJSON_LINE_SCHEMA) if ollama else \
+                        ("text/event-stream", SSE_EVENT_SCHEMA)
+                    ok["content"] = {"application/json": json_body, stream[0]: {"schema": stream[1]}}
+                if path in ("/api/embed", "/api/embeddings"):
+                    codes.append("501")
+                if "{" in path or path == "/api/show":
                     codes.append("404")
                 if path == "/health":
                     codes.append("503")
-                if api_key and path.startswith("/v1"):
+                if path == "/metrics":
+                    responses["200"] = {"description": "Prometheus text exposition format",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
+                if api_key and path.startswith(("/v1", "/api/", "/metrics")):
                     codes.append("401")
                 for code in sorted(set(codes)):
-                    responses[code] = _error(code)
+                    responses[code] = _error(code, ollama)
         app.openapi_schema = schema
         return schema
 
