@@ -24,8 +24,9 @@ next positions of the same cache row. ``Sequence.accept`` then takes the step's 
 another and stops at the first token that differs from the draft. Each logit it sees is the one plain decoding
 would compute at that point: bit for bit on the quantized CPU kernels, which compute each row alone whatever
 else shares the step, so the tokens, sampled ones included, are plain decoding's and only the number of steps
-drops; up to float rounding elsewhere (attention over a longer key range rounds differently, as batching does). Keys and values
-written for rejected draft positions lie beyond the sequence's position and are overwritten before any read.
+drops; up to float rounding elsewhere (attention over a longer key range rounds differently, as batching
+does). Keys and values written for rejected draft positions lie beyond the sequence's position and are
+overwritten before any read.
 
 LoRA adapters: each sequence runs with its own (``GenerationSpec.adapter``, else the model's engaged one), rows
 of one decode step with different adapters alike; a slot's cached chunks are reused only by a sequence with

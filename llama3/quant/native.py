@@ -2,8 +2,8 @@
 
 The first call on a machine compiles the C++ files with the system compiler (about 15 s; cached afterwards
 under torch's extension directory, keyed by the sources' hash). Where that is impossible (no C++ compiler,
-not x86-64 Linux, no AVX2, or ``LLAMA3_CPU_LEVEL=portable``: see ``cpu``) ``available()`` is False and the quantized modules
-use their portable torch path instead, with one warning saying why. Anything else that stops the build (a
+not x86-64 Linux, no AVX2, or ``LLAMA3_CPU_LEVEL=portable``: see ``cpu``) ``available()`` is False and the
+quantized modules use their portable torch path instead, with one warning saying why. Anything else that stops the build (a
 kernel file missing from the install, a compile error) raises ``NativeBuildError``: that is a broken
 install, and silently running several times slower would hide it.
 """
