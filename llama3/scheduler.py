@@ -334,9 +334,7 @@ class Scheduler:
             with self._route([self.slots[i].seq for i in range(width)]):
                 logits = self.model(tokens.to(self.device), positions.to(self.device), last_only=True, kv_len=kv_len)
         except Exception as exc:  # noqa: BLE001 - fail the sequences of this step, keep serving the rest
-            log.exception("decode step failed")
-            for slot in ready:
-                self._finish_failed(slot, f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+            self._step_failed(ready, exc, changed)
             return
         self.steps += 1
         for i in busy:
@@ -389,9 +387,7 @@ class Scheduler:
                     cache_rows=torch.tensor(rows, device=self.device),
                 )
         except Exception as exc:  # noqa: BLE001 - as in _decode
-            log.exception("decode step failed")
-            for i, _, _ in spans:
-                self._finish_failed(self.slots[i], f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+            self._step_failed([self.slots[i] for i, _, _ in spans], exc, changed)
             return
         self.steps += 1
         for i, first, draft in spans:
@@ -438,6 +434,12 @@ class Scheduler:
             log.exception("generation failed")
             for slot in slots:
                 self._finish_failed(slot, f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
+
+    def _step_failed(self, slots: list[_Slot], exc: Exception, changed: list[Sequence]) -> None:
+        """A decode step's forward raised: end that step's sequences (a server fault), keep the rest serving."""
+        log.exception("decode step failed")
+        for slot in slots:
+            self._finish_failed(slot, f"generation failed: {type(exc).__name__}: {exc}", "server", changed)
 
     def _finish_failed(self, slot: _Slot, message: str, kind: str, changed: list[Sequence]) -> None:
         if slot.seq is None:
