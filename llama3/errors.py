@@ -17,3 +17,8 @@ class TokenizerError(Llama3Error):
 
 class GenerationError(Llama3Error):
     """Invalid generation request: sampling values out of range, prompt too long, batch too large..."""
+
+
+class ParallelError(Llama3Error):
+    """The tensor-parallel process group failed: a rank died, stopped answering, or was set up inconsistently.
+    Fatal to every sequence of the job (unlike a single request's error)."""

@@ -82,6 +82,26 @@ class TextStream:
             self.llm.scheduler.remove([self.seq])
 
 
+def _join_world(model_parallel_size: int | None, device: str | torch.device | None):
+    """The tensor-parallel job this process belongs to (``llama3.parallel.world``), or None for one process.
+
+    Under torchrun every process of the job shares the model (``model_parallel_size`` None means all of them,
+    as in Meta's reference); outside it, ``model_parallel_size`` > 1 is an error that says how to launch."""
+    from .parallel.world import init_world, launched_size
+
+    size = launched_size()
+    if model_parallel_size is not None and (not isinstance(model_parallel_size, int) or model_parallel_size < 1):
+        raise GenerationError(f"model_parallel_size={model_parallel_size!r} must be an integer >= 1")
+    if model_parallel_size is not None and model_parallel_size != size:
+        raise GenerationError(
+            f"model_parallel_size={model_parallel_size} but this job has {size} process(es): start one process per "
+            f"model-parallel rank, e.g. torchrun --nproc-per-node {model_parallel_size} your_script.py"
+        )
+    if size <= 1:
+        return None
+    return init_world(device)
+
+
 class Llama:
     """A loaded model + tokenizer with Meta's generation API, over one decoding core (``self.scheduler``).
 
@@ -140,15 +160,18 @@ class Llama:
         ``compile``: decode steps through one ``torch.compile``d graph (``llama3.compiled``; CUDA graphs on a GPU),
         unless the model has its own decode kernel (quantized CPU models).
         """
-        if model_parallel_size not in (None, 1):
-            raise GenerationError(
-                f"model_parallel_size={model_parallel_size}: tensor parallelism is not supported yet; "
-                "shards are merged and run in one process (model_parallel_size=None)"
-            )
         start = time.perf_counter()
         path = Path(ckpt_dir).expanduser() if ckpt_dir is not None else default_model_path()
         torch.manual_seed(seed)  # Meta seeds the global RNG too; anything outside our generator stays reproducible
-        model = load_model(path, device=device, dtype=dtype, quantize=quantize)
+        world = _join_world(model_parallel_size, device)
+        if world is None:
+            model = load_model(path, device=device, dtype=dtype, quantize=quantize)
+        else:
+            from .parallel.loader import load_parallel_model
+
+            if lora is not None or compile:
+                raise GenerationError("LoRA adapters and compile are not supported with tensor parallelism yet")
+            model = load_parallel_model(path, world, dtype, quantize=quantize)
         if lora is not None:
             from .lora import adapters, load_adapter
 

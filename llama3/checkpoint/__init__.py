@@ -43,8 +43,9 @@ def detect_format(path: Path) -> str:
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelConfig, StateDict]:
-    """Read any supported checkpoint into ``(config, canonical state dict)``."""
+def read_checkpoint(path: str | Path, shard: tuple[int, int] | None = None) -> tuple[ModelConfig, StateDict]:
+    """Read any supported checkpoint into ``(config, canonical state dict)``. With ``shard`` (rank, size) the
+    state holds only that tensor-parallel rank's slices (``llama3.parallel.plan``), read without the rest."""
     path = Path(path).expanduser()
     fmt = detect_format(path)
     if fmt == "gguf":
@@ -52,14 +53,14 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, StateDict]:
 
         if path.is_dir():
             path = next(path.glob("*.gguf"))
-        return read_gguf(path)
+        return read_gguf(path, shard)
     if fmt == "meta":
         from .meta import read_meta
 
-        return read_meta(path)
+        return read_meta(path, shard)
     from .hf import read_hf
 
-    return read_hf(path)
+    return read_hf(path, shard)
 
 
 def default_device() -> torch.device:

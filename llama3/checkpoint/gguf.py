@@ -16,7 +16,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..gguf_file import GGUFFile, GGUFFormatError, get_float, get_int, get_str, read_gguf_file
-from .state import GGMLTensor, StateDict
+from ..parallel.plan import ShardPlan
+from .state import GGMLTensor, StateDict, expected_shapes
 
 # Encodings we can read: float types directly, the rest through gguf's dequantizers (and llama3.quant kernels).
 SUPPORTED_TYPES = {
@@ -130,12 +131,17 @@ def _config(reader: GGUFFile, path: Path) -> ModelConfig:
     )
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
-    """Read a llama-architecture GGUF file into ``(config, canonical state)``; big tensors stay memory-mapped."""
+def read_gguf(path: Path, shard: tuple[int, int] | None = None) -> tuple[ModelConfig, StateDict]:
+    """Read a llama-architecture GGUF file into ``(config, canonical state)``; big tensors stay memory-mapped.
+    With ``shard`` (rank, size), only that tensor-parallel rank's slices, quantized blocks kept as blocks."""
     from gguf import GGMLQuantizationType
 
     reader = open_gguf(path)
     config = gguf_config(reader, path)
+    plan = ShardPlan(config, *shard) if shard is not None else None
+    # Full shapes are checked before slicing (a slice of a wrong-shaped tensor could look right); the layer
+    # count first, so that a corrupt one never builds a huge model on the meta device.
+    shapes = _full_shapes(config, reader, path) if plan is not None else {}
     state: StateDict = {}
     rope_freqs = None
     for t in reader.tensors:
@@ -151,11 +157,19 @@ def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
         if kind not in SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor {t.name} uses unsupported quantization type {kind}")
         shape = t.shape
+        region = None
+        if plan is not None:
+            plan.check_shape(name, shape, shapes, str(path))
+            region = plan.region(name) if len(shape) == 2 else None
         if kind in ("F32", "F16"):
             # Copy out of the read-only memory map: these are the small norm vectors (or an f32 model).
-            state[name] = torch.from_numpy(np.array(reader.tensor_data(t))).reshape(shape)
+            values = reader.tensor_data(t).reshape(shape)
+            if region is not None:
+                values = values.take(range(region.start, region.stop), axis=region.dim)
+            state[name] = torch.from_numpy(np.array(values))
         else:
-            state[name] = GGMLTensor(name=t.name, ggml_type=t.ggml_type, shape=shape, data=reader.tensor_data(t))
+            tensor = GGMLTensor(name=t.name, ggml_type=t.ggml_type, shape=shape, data=reader.tensor_data(t))
+            state[name] = tensor.narrow(region.dim, region.start, region.stop) if region is not None else tensor
     if rope_freqs is not None:
         expected = config.head_dim // 2
         if rope_freqs.numel() != expected:
@@ -164,6 +178,23 @@ def read_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
             raise CheckpointError(f"{path}: rope_freqs holds divisors that are not finite numbers > 0")
         config = _with_freq_factors(config, rope_freqs)
     return config, state
+
+
+def _full_shapes(config: ModelConfig, reader: GGUFFile, path: Path) -> dict[str, tuple[int, ...]]:
+    """The config's full tensor shapes, after checking the file's directory against them (names, counts,
+    shapes: ``check_state``'s messages), as the unsliced load does after reading."""
+    from .state import check_state
+
+    stand_ins = {name: _Shape(t.shape) for t in reader.tensors if (name := canonical_name(t.name)) is not None}
+    check_state(config, stand_ins, str(path))  # type: ignore[arg-type]
+    return expected_shapes(config)
+
+
+class _Shape:
+    """A stand-in with only a ``shape``: check_state looks at nothing else."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
 
 
 def _with_freq_factors(config: ModelConfig, factors: torch.Tensor) -> ModelConfig:

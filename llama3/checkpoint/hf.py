@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from ..parallel.plan import ShardPlan
 from .meta import number, read_json, rope_scaling_from
 from .state import check_state, expected_shapes
 
@@ -198,9 +199,11 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def _read_file(
-    file: Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]
+    file: Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor],
+    plan: ShardPlan | None = None,
 ) -> None:
-    """Add ``file``'s tensors to ``state`` under canonical names, checking each shape before any reshaping."""
+    """Add ``file``'s tensors to ``state`` under canonical names, checking each shape before any reshaping;
+    with ``plan``, only the rank's region of each tensor is read from the file."""
     try:
         with safe_open(file, framework="pt", device="cpu") as handle:
             for key in handle.keys():
@@ -220,11 +223,15 @@ def _read_file(
                     raise CheckpointError(
                         f"{file}: tensor {key} has shape {list(got)}, config.json implies {list(shapes[name])}"
                     )
-                tensor = handle.get_tensor(key)
-                if name.endswith("attention.wq.weight"):
-                    tensor = half_split_to_interleaved(tensor, config.n_heads, config.head_dim)
-                elif name.endswith("attention.wk.weight"):
-                    tensor = half_split_to_interleaved(tensor, config.kv_heads, config.head_dim)
+                region = plan.region(name) if plan is not None else None
+                if region is None:
+                    tensor = handle.get_tensor(key)
+                else:
+                    index = (slice(None),) * region.dim + (slice(region.start, region.stop),)
+                    tensor = handle.get_slice(key)[index]
+                # q/k regions are whole heads, and the rotary reordering stays within a head.
+                if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    tensor = half_split_to_interleaved(tensor, tensor.shape[0] // config.head_dim, config.head_dim)
                 state[name] = tensor
     except CheckpointError:
         raise
@@ -232,18 +239,20 @@ def _read_file(
         raise CheckpointError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
-def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face Llama directory into ``(config, canonical state dict)``."""
+def read_hf(path: Path, shard: tuple[int, int] | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face Llama directory into ``(config, canonical state dict)``; with ``shard`` (rank, size),
+    only that tensor-parallel rank's slices, each read lazily from the safetensors files."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json")
     config = hf_config_to_model_config(read_json(config_file), config_file)
     shapes = expected_shapes(config)
+    plan = ShardPlan(config, *shard) if shard is not None else None
     state: dict[str, torch.Tensor] = {}
     files = safetensors_files(path)
     for file in files:
-        _read_file(file, config, shapes, state)
+        _read_file(file, config, shapes, state, plan)
     missing = [hf_name(name) for name in shapes if name not in state]
     if missing:
         more = " ..." if len(missing) > 8 else ""
@@ -251,7 +260,7 @@ def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise CheckpointError(
             f"{path}: missing tensors in {', '.join(f.name for f in files)}: {', '.join(missing[:8])}{more}{hint}"
         )
-    check_state(config, state, str(path))
+    check_state(plan.local_config if plan is not None else config, state, str(path))
     return config, state
 
 

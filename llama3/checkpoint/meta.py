@@ -30,13 +30,10 @@ import torch
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from ..model import rope_frequencies
+from ..parallel.plan import COLUMN_PARALLEL, ROW_PARALLEL, Region, ShardPlan, split_dim
 from .state import check_state, expected_shapes
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
-COLUMN_PARALLEL = (
-    "attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output", "tok_embeddings"
-)
-ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 # Some exports carry the rotary frequencies as a tensor; the model recomputes them from the config.
 ROPE_FREQ_NAMES = ("rope_freqs.weight", "rope.freqs")
 
@@ -189,20 +186,11 @@ def _first_line(exc: Exception) -> str:
     return text.split(". ")[0][:300]
 
 
-def split_dim(name: str) -> int | None:
-    """The dim fairscale split ``name`` along, or None for replicated tensors."""
-    module = name.removesuffix(".weight")
-    if module.endswith(COLUMN_PARALLEL):
-        return 0
-    if module.endswith(ROW_PARALLEL):
-        return 1
-    return None
-
-
 def merge_shards(
-    files: list[Path], shards: list[dict[str, torch.Tensor]], config: ModelConfig
+    files: list[Path], shards: list[dict[str, torch.Tensor]], config: ModelConfig, plan: ShardPlan | None = None
 ) -> dict[str, torch.Tensor]:
-    """Concatenate model-parallel pieces into full tensors, checking names and shapes against ``config``."""
+    """Concatenate model-parallel pieces into full tensors, checking names and shapes against ``config``;
+    with ``plan``, only this rank's region of each (copied out of the pieces that hold it, nothing else read)."""
     names = set(shards[0])
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != names:
@@ -217,7 +205,8 @@ def merge_shards(
         parts = [shard[name] for shard in shards]
         dim = split_dim(name)
         if dim is None:
-            state[name] = parts[0]  # replicated; check_state checks its shape
+            # Replicated; check_state checks its shape. A rank takes the copy in the file of its own slices.
+            state[name] = parts[plan.rank * n // plan.size] if plan is not None else parts[0]
             continue
         shapes = [list(p.shape) for p in parts]
         if any(s != shapes[0] for s in shapes):
@@ -232,9 +221,26 @@ def merge_shards(
                 f"{files[0].parent}: tensor {name}: {n} shards of {piece} concatenate on dim {dim} to {merged}, "
                 f"but params.json implies {want}"
             )
-        state[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
+        region = plan.region(name) if plan is not None else None
+        if region is not None:
+            state[name] = _take(parts, dim, region)
+        else:
+            state[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
     state.update({name: shards[0][name] for name in names if name not in state})  # unexpected: check_state names them
     return state
+
+
+def _take(parts: list[torch.Tensor], dim: int, region: Region) -> torch.Tensor:
+    """``region`` of the tensor the ``parts`` (equal pieces along ``dim``) concatenate to, as a new tensor."""
+    if region.dim != dim:
+        return torch.cat([p.narrow(region.dim, region.start, region.stop - region.start) for p in parts], dim=dim)
+    size = parts[0].shape[dim]
+    pieces = []
+    for index in range(region.start // size, (region.stop - 1) // size + 1):
+        lo, hi = max(region.start, index * size), min(region.stop, (index + 1) * size)
+        pieces.append(parts[index].narrow(dim, lo - index * size, hi - lo))
+    # A copy either way: the memory-mapped shard files are released once loading ends.
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].clone()
 
 
 def _check_shard_count(files: list[Path], first: dict[str, torch.Tensor], wanted: dict[str, list[int]]) -> None:
@@ -285,8 +291,9 @@ def _short(values: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values[:4].tolist()) + ", ...]"
 
 
-def read_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Meta checkpoint directory into ``(config, canonical state dict)``."""
+def read_meta(path: Path, shard: tuple[int, int] | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Meta checkpoint directory into ``(config, canonical state dict)``; with ``shard`` (rank, size),
+    the state holds only that tensor-parallel rank's slices (``llama3.parallel.plan``), any shard count."""
     path = Path(path)
     params_file = path / "params.json"
     if not params_file.is_file():
@@ -299,11 +306,13 @@ def read_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     for name in ROPE_FREQ_NAMES:
         if name in shards[0]:
             check_rope_freqs(shards[0][name], config, files[0])
-            for shard in shards:
-                shard.pop(name, None)
-    state = merge_shards(files, shards, config)
-    check_state(config, state, f"{path} (params.json + {len(files)} consolidated.NN.pth)")
+            for pieces in shards:
+                pieces.pop(name, None)
+    plan = ShardPlan(config, *shard) if shard is not None else None
+    state = merge_shards(files, shards, config, plan)
+    check_state(plan.local_config if plan is not None else config, state,
+                f"{path} (params.json + {len(files)} consolidated.NN.pth)")
     return config, state
 
 
-__all__ = ["params_to_config", "read_json", "read_meta"]
+__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "params_to_config", "read_json", "read_meta", "split_dim"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -13,6 +14,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer, rope_table
+
+log = logging.getLogger("llama3.checkpoint")
 
 
 @dataclass
@@ -39,6 +42,23 @@ class GGMLTensor:
         except NotImplementedError as exc:
             raise CheckpointError(f"tensor {self.name}: cannot dequantize type {self.type_name}: {exc}") from None
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
+    def narrow(self, dim: int, start: int, stop: int) -> GGMLTensor | torch.Tensor:
+        """Indices ``start:stop`` along ``dim`` of this 2-D matrix, still in its blocks (a view of the file)
+        when the cut falls on block boundaries, which rows always do; else the slice expanded to float32."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        rows, cols = self.shape
+        block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(self.ggml_type)]
+        data = self.data.reshape(rows, -1)
+        if dim == 0:
+            return GGMLTensor(self.name, self.ggml_type, (stop - start, cols), data[start:stop])
+        if start % block_size == 0 and stop % block_size == 0:
+            columns = data[:, start // block_size * block_bytes : stop // block_size * block_bytes]
+            return GGMLTensor(self.name, self.ggml_type, (rows, stop - start), columns)
+        log.warning("tensor %s: columns %d:%d do not fall on %s block boundaries (%d values); this rank holds "
+                    "them in float", self.name, start, stop, self.type_name, block_size)
+        return self.dequantize()[:, start:stop].clone()
 
 
 StateDict = dict[str, Union[torch.Tensor, GGMLTensor]]
