@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,8 +21,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def print_stream(stream, *, stats: bool, out=sys.stdout) -> str:
-    """Print text increments as they come; Ctrl-C stops this answer only. Returns the text shown."""
+def print_stream(stream, *, stats: bool, out=None) -> str:
+    """Print text increments as they come (to ``out``, default the current standard output); Ctrl-C stops
+    this answer only. Returns the text shown."""
+    out = out if out is not None else sys.stdout
     start = time.perf_counter()
     first_token_at = None
     shown = []
@@ -53,7 +56,7 @@ def print_stream(stream, *, stats: bool, out=sys.stdout) -> str:
 def cmd_complete(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)  # first: a bad option fails before the model loads
     llm = build_llm(args)
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    prompt = args.prompt if args.prompt != "-" else leader_input(llm, sys.stdin.read)
     stream = llm.stream_completion(prompt, **kwargs)
     if args.echo:
         sys.stdout.write(prompt)
@@ -66,16 +69,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = build_llm(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     dialog: list[dict[str, str]] = list(system)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() and not is_follower()
     if interactive:
         print("Chat with the model. /reset clears the conversation, /exit quits.", file=sys.stderr)
-    while True:
+
+    def read_line() -> str | None:
         try:
-            line = input("> " if interactive else "")
+            return input("> " if interactive else "")
         except EOFError:
-            break
+            return None
         except KeyboardInterrupt:
             print(file=sys.stderr)
+            return None
+
+    while True:
+        line = leader_input(llm, read_line)
+        if line is None:
             break
         text = line.strip()
         if not text:
@@ -96,6 +105,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer = print_stream(stream, stats=not args.no_stats)
         dialog.append({"role": "assistant", "content": answer})
     return 0
+
+
+def is_follower() -> bool:
+    """A rank other than 0 of a tensor-parallel job (torchrun): it computes its share and stays silent."""
+    from .parallel.world import launched_size
+
+    return launched_size() > 1 and os.environ.get("RANK", "0") != "0"
+
+
+def leader_input(llm, read):
+    """``read()`` on rank 0, handed to every rank of a tensor-parallel job (so all run the same request)."""
+    world = getattr(llm, "world", None)
+    if world is None:
+        return read()
+    return world.broadcast(read() if world.leader else None)
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
@@ -194,10 +218,17 @@ def _unavailable(module_name: str, exc: ImportError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llama3`` command; errors are one line on stderr and a non-zero exit."""
     args = make_parser(argv).parse_args(argv)
+    if is_follower():
+        # Rank 0 prints, reads standard input, writes reports and serves HTTP; the others only compute.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        for quiet, value in (("no_stats", True), ("no_progress", True), ("out", None)):
+            if hasattr(args, quiet):
+                setattr(args, quiet, value)
     try:
         return int(args.func(args) or 0)
     except Llama3Error as exc:
-        print(f"llama3 {args.command}: error: {exc}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if is_follower() else ""
+        print(f"llama3 {args.command}{rank}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -205,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # unreadable files, ports in use...: the message is the useful part
         print(f"llama3 {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if "llama3.parallel.world" in sys.modules:
+            from .parallel.world import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -13,14 +13,16 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from .errors import GenerationError, Llama3Error
+from .errors import GenerationError, Llama3Error, ParallelError
 from .model import Transformer
+from .parallel import lockstep
+from .parallel.world import World
 from .scheduler import Scheduler
 from .sequence import GenerationSpec, TokenLogprob
 from .sequence import Sequence as Generation
@@ -94,9 +96,7 @@ class Submission:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
-            for seq in self.sequences:
-                seq.cancel()
-            self.engine.wake()
+            self.engine.cancel(self.sequences)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         remaining = len(self.sequences)
@@ -135,6 +135,7 @@ class Engine:
         prefix_cache: bool = True,
         prompt_lookup: int = 0,
         observer: EngineObserver | None = None,
+        world: World | None = None,
     ) -> None:
         if max_queue < 0:
             raise GenerationError(f"invalid engine limits: max_queue={max_queue} (>= 0)")
@@ -153,6 +154,13 @@ class Engine:
         self._drain_deadline: float | None = None  # set by drain(): no admissions, then end what is left
         self.observer = observer
         self._timings: dict[int, _Timing] = {}  # id(sequence) -> its clock, while an observer listens
+        # Rank 0 of a tensor-parallel job: each step's admissions and cancellations are broadcast first
+        # (``llama3.parallel.lockstep``), so cancellations wait for a step boundary instead of landing mid-step.
+        self.world = world
+        self._cancels: list[Generation] = []
+        self._seed_of: dict[int, int] = {}  # id(sequence) -> its seed, until broadcast
+        self.failure: str | None = None  # why the engine stopped on its own (a tensor-parallel rank was lost)
+        self.on_failure: Callable[[str], None] | None = None
 
     # -- public, called from other threads -----------------------------------------------------------------
 
@@ -192,6 +200,16 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    def cancel(self, seqs: Sequence[Generation]) -> None:
+        """Drop ``seqs`` at the next step (from any thread)."""
+        with self._cond:
+            if self.world is None:
+                for seq in seqs:
+                    seq.cancel()
+            else:
+                self._cancels.extend(seqs)
+            self._cond.notify_all()
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             stats = self.scheduler.stats()
@@ -208,12 +226,13 @@ class Engine:
                 f"{len(specs)} sequences in one request can never fit: at most {self.max_batch_size + self.max_queue} "
                 f"(max-batch-size {self.max_batch_size} + max-queue {self.max_queue})"
             )
-        seqs = []
+        seqs, seeds = [], []
         for spec in specs:
             seed = spec.params.seed if spec.params.seed is not None else self._seeds.getrandbits(63)
             seq = Generation(spec, self.tokenizer, torch.Generator(self.device).manual_seed(seed), self.stop_tokens)
             self.scheduler.check(seq)
             seqs.append(seq)
+            seeds.append(seed)
         submission = Submission(self, seqs, asyncio.get_running_loop())
         for index, seq in enumerate(seqs):
             seq.tag = (submission, index)
@@ -231,6 +250,8 @@ class Engine:
                     f"{waiting} waiting (max-queue {self.max_queue}); retry later"
                 )
             self._incoming.extend(seqs)
+            if self.world is not None:
+                self._seed_of.update((id(seq), seed) for seq, seed in zip(seqs, seeds))
             if self.observer is not None:
                 start = time.monotonic()
                 for seq in seqs:
@@ -243,21 +264,63 @@ class Engine:
     def _loop(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)  # CPU intra-op threads; set on this thread, which runs the ops
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._incoming and not self.scheduler.busy:
-                        self._cond.wait()  # idle: nothing for a drain deadline to end
-                    if self._stopping:
-                        return
-                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                        self._end_all()
-                        continue
-                    for seq in self._incoming:
-                        self.scheduler.waiting.append(seq)  # checked in submit()
-                    self._incoming.clear()
-                for seq in self.scheduler.step():
-                    self._emit(seq)
+        try:
+            with torch.inference_mode():
+                while self._turn():
+                    pass
+        except ParallelError as exc:
+            self._fail(str(exc))
+
+    def _turn(self) -> bool:
+        """Wait for work, hand it to the scheduler (and the other ranks), run one step; False to stop."""
+        orders = None
+        with self._cond:
+            idle = self.world is not None and lockstep.heartbeat_s(self.world)
+            while not self._stopping and not self._incoming and not self.scheduler.busy and not self._cancels:
+                if not self._cond.wait(timeout=idle or None) and idle:
+                    break  # idle past the heartbeat: tell the other ranks we are alive
+            end_all = (self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+                       and not self._stopping)
+            incoming, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, []
+            if self.world is not None:
+                orders = lockstep.Orders(
+                    add=[(id(seq), seq.spec, self._seed_of.pop(id(seq))) for seq in incoming],
+                    cancel=[id(seq) for seq in cancels],
+                    end_all=("the server is shutting down", "shutdown") if end_all else None,
+                    stop=self._stopping,
+                )
+        if orders is not None:
+            self.world.broadcast(orders)
+        if self._stopping:
+            self._incoming[:0] = incoming  # stop() ends them
+            return False
+        self.scheduler.waiting.extend(incoming)  # checked in submit()
+        for seq in cancels:
+            seq.cancel()
+        if end_all:
+            self._end_all()
+        elif self.scheduler.busy:
+            for seq in self.scheduler.step():
+                self._emit(seq)
+        return True
+
+    def _fail(self, message: str) -> None:
+        """The tensor-parallel job broke: end everything with ``message`` and stop serving."""
+        log.error("%s", message)
+        with self._cond:
+            self.failure = message
+            self._stopping = True
+        ended = self.scheduler.end_all(message, "server")
+        with self._cond:
+            for seq in self._incoming:
+                seq.fail(message, "server")
+            ended += self._incoming
+            self._incoming = []
+        for seq in ended:
+            self._emit(seq)
+        if self.on_failure is not None:
+            self.on_failure(message)
 
     def _end_all(self) -> None:
         """End every waiting and running sequence with the shutdown error."""

@@ -122,6 +122,7 @@ class Llama:
         if max_batch_size < 1:
             raise GenerationError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
+        self.world = getattr(model, "world", None)  # the tensor-parallel job the model is shared in, if any
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.device
         self._seeds = random.Random(seed)  # per-sequence seeds of calls that pass none

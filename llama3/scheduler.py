@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import GenerationError
+from .errors import GenerationError, ParallelError
 from .lookup import PromptLookup
 from .model import Transformer
 from .sequence import Sequence, check_prompt
@@ -333,6 +333,8 @@ class Scheduler:
         try:
             with self._route([self.slots[i].seq for i in range(width)]):
                 logits = self.model(tokens.to(self.device), positions.to(self.device), last_only=True, kv_len=kv_len)
+        except ParallelError:
+            raise  # the tensor-parallel job is broken: nothing can be served any more
         except Exception as exc:  # noqa: BLE001 - fail the sequences of this step, keep serving the rest
             self._step_failed(ready, exc, changed)
             return
@@ -386,6 +388,8 @@ class Scheduler:
                     kv_len=max(positions) + 1,
                     cache_rows=torch.tensor(rows, device=self.device),
                 )
+        except ParallelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - as in _decode
             self._step_failed([self.slots[i] for i, _, _ in spans], exc, changed)
             return
@@ -430,6 +434,8 @@ class Scheduler:
         except GenerationError as exc:
             for slot in slots:
                 self._finish_failed(slot, str(exc), "request", changed)
+        except ParallelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the engine must survive any single failure
             log.exception("generation failed")
             for slot in slots:

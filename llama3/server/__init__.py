@@ -70,12 +70,22 @@ def serve(args: argparse.Namespace) -> None:
         raise Llama3Error("--max-batch-size must be >= 1, --max-queue >= 0, --max-seq-len >= 2, --port in 0..65535, "
                           "--shutdown-grace a number of seconds >= 0")
     llm = build_llm(args, announce=False)
+    world = llm.world
     path = Path(args.model).expanduser() if args.model else default_model_path()
     log.info("loaded %s in %.2f s on %s", path, llm.load_seconds or 0.0, llm.device)
     name = args.model_name or (path.stem if path.is_file() else path.name)
+    if world is not None and args.lora:
+        raise Llama3Error("--lora is not supported with tensor parallelism yet")
     adapters = load_adapters(llm.model, args.lora, name)
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=llm.max_seq_len,
-                    max_queue=args.max_queue, seed=args.seed, threads=args.threads, prompt_lookup=args.prompt_lookup)
+                    max_queue=args.max_queue, seed=args.seed, threads=args.threads, prompt_lookup=args.prompt_lookup,
+                    world=world)
+    if world is not None and not world.leader:
+        from ..parallel.lockstep import follow
+
+        # Rank 0 serves HTTP and sends every step's work here; this rank runs the same steps on its share.
+        follow(engine.scheduler, llm.tokenizer, world)
+        return
     app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters,
                      cors_origins=args.cors_origin, model_path=path)
     if not _is_loopback(args.host) and not args.api_key:
@@ -84,7 +94,11 @@ def serve(args: argparse.Namespace) -> None:
     # need a moment to send their final events.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_grace + 5)
-    _draining_server(config, engine, args.shutdown_grace).run()
+    server = _draining_server(config, engine, args.shutdown_grace)
+    engine.on_failure = lambda message: setattr(server, "should_exit", True)
+    server.run()
+    if engine.failure is not None:
+        raise Llama3Error(engine.failure)
 
 
 def load_adapters(model, specs: list[str], base_name: str) -> list[str]:
