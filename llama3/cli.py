@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_follower():
         # Rank 0 prints, reads standard input, writes reports and serves HTTP; the others only compute.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        for quiet, value in (("no_stats", True), ("no_progress", True), ("out", None)):
+        args.no_stats = True  # also silences the "Loaded ..." line of commands without --no-stats
+        for quiet, value in (("no_progress", True), ("out", None)):
             if hasattr(args, quiet):
                 setattr(args, quiet, value)
     try:

@@ -7,6 +7,7 @@ single-process quantized path's own error against the float expansion, the real 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from conftest import save_meta_checkpoint, tiny_hf_config, make_reference_model,
 from gguf import GGMLQuantizationType as Q
 from gguf_utils import write_tiny_gguf
 from test_server import free_port, shut
+from test_shopbench_data import DEV, needs_dev
 
 import llama3
 from llama3.errors import ParallelError
@@ -150,6 +152,22 @@ def test_indivisible_model_is_a_clear_cli_error():
     # One line from each rank; torchrun then reports the failed children in its own words (and traceback).
     assert "llama3 complete: error: cannot split the model over 2 ranks" in proc.stderr
     assert "ParallelError" not in proc.stderr  # no raw traceback of ours
+
+
+@needs_dev
+def test_eval_shopbench_under_torchrun_matches_single_process(checkpoints, tmp_path):
+    lines = DEV.read_text().splitlines()
+    data = tmp_path / "slice.jsonl"
+    data.write_text("\n".join(lines[i] for i in (4, 8, 12, 64)) + "\n")  # no task that needs the embedder
+    args = ["-m", "llama3", "eval", "shopbench", str(data), "--model", str(checkpoints["q8"]), "--max-gen-len", "8",
+            "--batch-size", "4", "--no-progress"]
+    tp = torchrun(*args, "--out", str(tmp_path / "tp.json"))
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert tp.returncode == 0 and one.returncode == 0, tp.stderr[-3000:] + one.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("tp", "one")]
+    assert [q["raw_output"] for q in reports[0]["questions"]] == [q["raw_output"] for q in reports[1]["questions"]]
+    assert len(reports[0]["questions"]) == 4 and tp.stdout.count("routing accuracy") == 1  # rank 0 alone reports
 
 
 def _serve_cmd(gguf: Path, port: int) -> list[str]:

@@ -8,6 +8,7 @@ every failure reads the same way, whichever layer or driver hit it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 from collections.abc import Callable
@@ -138,6 +139,9 @@ def init_world(device: torch.device | str | None = None) -> World | None:
             dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
         except Exception as exc:  # rendezvous failures: wrong address, port taken, peers that never came
             raise ParallelError(f"cannot join the tensor-parallel job as rank {rank} of {size}: {exc}") from None
+        # A process group still alive at interpreter exit is torn down with its threads running, which aborts
+        # the process (SIGABRT, "terminate called without an active exception") and fails the whole job.
+        atexit.register(shutdown)
     _world = World(rank=dist.get_rank(), size=dist.get_world_size(), device=device,
                    backend=dist.get_backend(), timeout_s=timeout)
     return _world
