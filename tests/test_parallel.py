@@ -70,7 +70,12 @@ def tp_results(checkpoints, tmp_path_factory) -> dict[str, dict]:
     proc = torchrun(str(WORKER), str(out), *specs)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(out)
-    return {key: results[str(path)] for key, path in checkpoints.items()}
+    return {"reduced": results["reduced"]} | {key: results[str(path)] for key, path in checkpoints.items()}
+
+
+def test_all_reduce_sums_small_and_large_tensors(tp_results):
+    for n, reduced in tp_results["reduced"].items():
+        assert torch.equal(reduced, torch.arange(n, dtype=torch.float32) * 3), n  # 1x + 2x, exact in float32
 
 
 @torch.inference_mode()

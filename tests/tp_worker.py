@@ -51,7 +51,10 @@ def run(path: str, generate: bool, world) -> dict:
 def main() -> None:
     out, specs = sys.argv[1], sys.argv[2:]
     world = init_world()
-    results = {}
+    results = {"reduced": {}}
+    for n in (1000, 400_000):  # both sides of GATHER_REDUCE_BYTES: gather + sum, and gloo's ring all-reduce
+        x = torch.arange(n, dtype=torch.float32) * (world.rank + 1)
+        results["reduced"][n] = world.all_reduce_(x.view(-1, 8)).view(-1)
     for spec in specs:
         path, _, flag = spec.partition(":generate")
         results[path] = run(path, spec.endswith(":generate"), world)

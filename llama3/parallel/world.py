@@ -27,6 +27,10 @@ T = TypeVar("T")
 # servers send a heartbeat well within it, so it bounds only how long a hung rank goes unnoticed.
 DEFAULT_TIMEOUT_S = 120.0
 
+# All-reduces of at most this many gathered bytes run as one all-gather and a local sum on gloo (see
+# ``World.all_reduce_``); larger ones (prefill activations) keep the ring's bandwidth.
+GATHER_REDUCE_BYTES = 1 << 20
+
 _world: World | None = None
 
 
@@ -59,6 +63,15 @@ class World:
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""
+        if self.backend == "gloo" and tensor.numel() * tensor.element_size() * self.size <= GATHER_REDUCE_BYTES:
+            # Gloo's ring all-reduce takes 2(N-1) message rounds, and on CPUs each round's latency, not its
+            # bytes, is the cost of a decode step's small activations. One all-gather and a local sum in
+            # rank order is a single round, and gives every rank the same bits.
+            flat = tensor.contiguous().view(-1)
+            parts = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device)
+            self._run("all_reduce", lambda: dist.all_gather_single(parts, flat))
+            tensor.copy_(parts.view(self.size, -1).sum(0).view(tensor.shape))
+            return tensor
         self._run("all_reduce", lambda: dist.all_reduce(tensor))
         return tensor
 
