@@ -71,6 +71,7 @@ class Counted:
 
     def __init__(self, world) -> None:
         self.calls = self.bytes = 0
+        self.seconds = 0.0  # time inside the collectives, counted or not (a whole decode run)
         self.on = False
         for name in ("all_reduce_", "all_gather"):
             setattr(world, name, self._wrap(getattr(world, name)))
@@ -80,7 +81,11 @@ class Counted:
             if self.on:
                 self.calls += 1
                 self.bytes += tensor.numel() * tensor.element_size()
-            return op(tensor)
+            start = time.perf_counter()
+            try:
+                return op(tensor)
+            finally:
+                self.seconds += time.perf_counter() - start
 
         return counted
 
@@ -120,9 +125,11 @@ def worker(args: argparse.Namespace) -> None:
             result["prefill"].append(args.prompt_tokens / timed(lambda: model(prompt, 0, last_only=True)))
         for batch in (1, 4):
             tokens = torch.randint(vocab, (batch, args.prompt_tokens), generator=g)
-            runs = []
+            runs, waits = [], []
             for _ in range(args.repeat):
                 model(tokens, 0, last_only=True)
+                if counter is not None:
+                    counter.seconds = 0.0
 
                 def decode() -> None:
                     nxt = tokens[:, -1:]
@@ -130,7 +137,10 @@ def worker(args: argparse.Namespace) -> None:
                         nxt = model(nxt, args.prompt_tokens + i, last_only=True).argmax(-1)
 
                 runs.append(batch * args.gen_tokens / timed(decode))
+                if counter is not None:
+                    waits.append(counter.seconds / args.gen_tokens)
             result["decode"][batch] = runs
+            result.setdefault("collective_s_per_step", {})[batch] = waits
         if counter is not None:
             model(prompt, 0, last_only=True)
             counter.on = True
@@ -212,6 +222,11 @@ def main() -> None:
     c = two[0]["step_collectives"]
     print(f"collectives per decode step (batch 1), per rank: {c['calls']} calls, {c['bytes']} bytes sent "
           f"(2 all-reduces per layer + 1 embedding all-reduce of dim floats, 1 all-gather of vocab/ranks floats)")
+    for batch in ("1", "4"):
+        waits = [med(r["collective_s_per_step"][batch]) * 1e3 for r in two]
+        step = 1e3 * int(batch) / med(two[0]["decode"][batch])
+        print(f"decode step, batch {batch}: {step:.1f} ms, of which in collectives per rank (waiting for the other "
+              f"rank included): " + ", ".join(f"{w:.1f} ms" for w in waits))
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "one": one, "two": two,
                                         "flags": cpu_flags()}, indent=2))
