@@ -9,13 +9,14 @@ graceful draining, and the hand-over of each sequence's new text to the event lo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ from .sequence import Sequence as Generation
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("llama3.engine")
+T = TypeVar("T")
 
 __all__ = ["Delta", "Engine", "EngineClosedError", "GenerationSpec", "QueueFullError", "Submission", "TokenLogprob"]
 
@@ -161,6 +163,9 @@ class Engine:
         self._seed_of: dict[int, int] = {}  # id(sequence) -> its seed, until broadcast
         self.failure: str | None = None  # why the engine stopped on its own (a tensor-parallel rank was lost)
         self.on_failure: Callable[[str], None] | None = None
+        # Work for the engine thread that is not a sequence (an embedding pass over the served model): run
+        # between steps, so it never races the decoding core for the model or its KV cache.
+        self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
 
     # -- public, called from other threads -----------------------------------------------------------------
 
@@ -199,6 +204,18 @@ class Engine:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def call(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``job()`` on the engine thread before its next step; await the result (or its exception)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise EngineClosedError("the generation engine is not running")
+            if self.world is not None:
+                raise GenerationError("this server runs a tensor-parallel model: it cannot run other work on it")
+            self._jobs.append((job, future))
+            self._cond.notify_all()
+        return asyncio.wrap_future(future)
 
     def cancel(self, seqs: Sequence[Generation]) -> None:
         """Drop ``seqs`` at the next step (from any thread)."""
@@ -276,13 +293,15 @@ class Engine:
         orders = None
         with self._cond:
             idle = self.world is not None and lockstep.heartbeat_s(self.world)
-            while not self._stopping and not self._incoming and not self.scheduler.busy and not self._cancels:
+            while (not self._stopping and not self._incoming and not self.scheduler.busy and not self._cancels
+                   and not self._jobs):
                 if not self._cond.wait(timeout=idle or None) and idle:
                     break  # idle past the heartbeat: tell the other ranks we are alive
             end_all = (self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
                        and not self._stopping)
             incoming, self._incoming = self._incoming, []
             cancels, self._cancels = self._cancels, []
+            jobs, self._jobs = self._jobs, []
             if self.world is not None:
                 orders = lockstep.Orders(
                     add=[(id(seq), seq.spec, self._seed_of.pop(id(seq))) for seq in incoming],
@@ -294,7 +313,14 @@ class Engine:
             self.world.broadcast(orders)
         if self._stopping:
             self._incoming[:0] = incoming  # stop() ends them
+            self._jobs[:0] = jobs
             return False
+        for job, future in jobs:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, as a thread pool does
+                    future.set_exception(exc)
         self.scheduler.waiting.extend(incoming)  # checked in submit()
         for seq in cancels:
             seq.cancel()
@@ -323,8 +349,12 @@ class Engine:
             self.on_failure(message)
 
     def _end_all(self) -> None:
-        """End every waiting and running sequence with the shutdown error."""
+        """End every waiting and running sequence (and pending job) with the shutdown error."""
         with self._cond:
+            for _, future in self._jobs:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineClosedError("the server is shutting down"))
+            self._jobs = []
             ended = self.scheduler.end_all("the server is shutting down", "shutdown")
             for seq in self._incoming:
                 seq.fail("the server is shutting down", "shutdown")

@@ -419,6 +419,16 @@ class Llama:
         """``stream`` for a text prompt (BOS added)."""
         return self.stream(self._encode_prompt(prompt), **kwargs)
 
+    def embed(self, texts: Sequence[str], *, pooling: str = "mean", truncate: bool = False) -> torch.Tensor:
+        """(len(texts), dim) L2-normalised embeddings: the model's final hidden states pooled over each text
+        (``pooling`` "mean" or "last"), computed without disturbing generation's KV cache. A text longer than
+        ``max_seq_len`` tokens is an ``EmbeddingError`` unless ``truncate``."""
+        from .embedding import LlamaEmbedder, check_lengths, embed
+
+        embedder = LlamaEmbedder(self.model, self.tokenizer, pooling=pooling, max_tokens=self.max_seq_len)
+        ids = check_lengths(embedder.tokenize(list(texts)), embedder.max_tokens, truncate)
+        return embed(embedder, ids).vectors
+
     def stream_chat(self, dialog: Dialog, **kwargs: Any) -> TextStream:
         """``stream`` for a dialog, answered as the assistant."""
         return self.stream(self.tokenizer.encode_dialog_prompt(dialog), **kwargs)

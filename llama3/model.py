@@ -10,6 +10,8 @@ Shapes in comments: B batch, T new tokens, S cache length, H query heads, K kv h
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -226,6 +228,22 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_batch = self.cache_len = 0
         self.kv_owner = None
+
+    @contextmanager
+    def cache_detached(self) -> Iterator[None]:
+        """Run forwards cache-less (full causal attention over their input) while the KV cache and its
+        contents stay as they are: one-off passes (embeddings) between decoding steps."""
+        caches = [layer.attention.cache for layer in self.layers]
+        shape = (self.cache_batch, self.cache_len)
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_batch = self.cache_len = 0
+        try:
+            yield
+        finally:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.cache = cache
+            self.cache_batch, self.cache_len = shape
 
     def _attention_inputs(
         self, start_pos: int | torch.Tensor, positions: torch.Tensor, kv_len: int | None

@@ -2,8 +2,8 @@
 published OpenAPI schema, valid and invalid alike.
 
 Every answer must be one the schema documents, with its documented media type, and either a success or a 4xx
-error in its API's shape (OpenAI's under /v1, Ollama's under /api): a 5xx (other than the embedding routes'
-documented 501 until embeddings exist), a dropped connection or an undocumented status is a failure. The served model is
+error in its API's shape (OpenAI's under /v1, Ollama's under /api): a 5xx, a dropped connection or an
+undocumented status is a failure. The served model is
 a tiny random one (fast), behind an API key, with a small context so that every generation is short.
 ``LLAMA3_FUZZ_REQUESTS`` sets how many requests the test sends (about: hypothesis stops early on operations with few distinct cases, so the count sent is roughly half; default 240, the slow variant 2400).
 """
@@ -32,8 +32,6 @@ from test_server import launch, shut  # noqa: E402
 KEY = "sk-fuzz-51c2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-CHECKS_NOT_YET = CHECKS[1:]
-NOT_YET = ("/api/embed", "/api/embeddings")
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +75,8 @@ def fuzz(url: str, requests: int) -> Counter:
                     del slowest[3:]
                 status = response.status_code
                 ollama = case.path.startswith("/api/")
-                # Ollama's embedding routes answer a documented 501 until embeddings exist (issue 18).
-                not_yet = status == 501 and case.path in NOT_YET
                 try:
-                    case.validate_response(response, checks=CHECKS_NOT_YET if not_yet else CHECKS)
+                    case.validate_response(response, checks=CHECKS)
                     if status >= 400:
                         body = response.json()
                         assert set(body) == {"error"}, body

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM or Ctrl-C, stop accepting requests and let running ones finish for this "
                         "long; then end the rest with an error event (default %(default)s)")
     server.add_argument("--seed", type=int, default=None, help="seed source for requests that send no seed")
+    embed = parser.add_argument_group("embeddings (/v1/embeddings, /api/embed)")
+    embed.add_argument("--embed-model", default=None, metavar="MODEL",
+                       help="a dedicated embedding model: 'minilm' (the bundled all-MiniLM-L6-v2) or a "
+                       "sentence-transformers directory (default: the served model's pooled hidden states)")
+    embed.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                       help="how the served model's token states become one vector (default %(default)s)")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -60,6 +66,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..assets import default_model_path
+    from ..embedding import load_embedder
     from ..engine import Engine
     from .app import create_app
 
@@ -86,8 +93,9 @@ def serve(args: argparse.Namespace) -> None:
         # Rank 0 serves HTTP and sends every step's work here; this rank runs the same steps on its share.
         follow(engine.scheduler, llm.tokenizer, world)
         return
+    embedder = load_embedder(args.embed_model) if args.embed_model else None
     app = create_app(engine, model_name=name, api_key=args.api_key or None, adapters=adapters,
-                     cors_origins=args.cors_origin, model_path=path)
+                     cors_origins=args.cors_origin, model_path=path, embedder=embedder, pooling=args.pooling)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     # uvicorn's own graceful timeout is the backstop: past the engine's deadline, the ended streams still

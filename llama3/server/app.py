@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..embedding import Embedder, LlamaEmbedder
 from ..engine import Delta, Engine, EngineClosedError, QueueFullError, Submission
 from ..errors import TokenizerError
 from .errors import APIError, APIKeyMiddleware, PreflightMiddleware, error_body, install_error_handlers
@@ -43,6 +44,7 @@ from .protocol import (
     now,
     usage,
 )  # fmt: skip
+from .embeddings import EmbeddingService, install_embedding_routes
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .tool_calls import ChatTools
 
@@ -99,13 +101,15 @@ def generation_error(message: str, kind: str | None, engine_alive: bool) -> APIE
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, adapters: Sequence[str] = (),
-               cors_origins: Sequence[str] = (), model_path: Path | None = None) -> FastAPI:
+               cors_origins: Sequence[str] = (), model_path: Path | None = None, embedder: Embedder | None = None,
+               pooling: str = "mean") -> FastAPI:
     """The server for ``engine``; the engine is started with the app and stopped when it shuts down.
 
     ``adapters``: names of the LoRA adapters loaded into the engine's model; a request whose ``model`` is one of
     them runs with it (in the same batches as the others), any other ``model`` with the base model.
     ``cors_origins``: browser origins allowed to call the API ("*" for any); none by default. ``model_path``: the
-    checkpoint served, for Ollama's model listings (size, quantization).
+    checkpoint served, for Ollama's model listings (size, quantization). ``embedder``: what answers the embedding
+    routes (default: the served model's hidden states, pooled by ``pooling``, computed between decoding steps).
     """
 
     @asynccontextmanager
@@ -209,6 +213,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, a
         if plan.include_usage:
             yield sse(make(None, None) | {"choices": [], "usage": usage(plan.prompt_tokens, completion_tokens)})
 
+    if embedder is None and engine.world is None:
+        embedder = LlamaEmbedder(engine.model, tokenizer, pooling=pooling, name=model_name,
+                                 max_tokens=engine.max_seq_len)
+    install_embedding_routes(app, EmbeddingService(embedder, engine) if embedder is not None else None, model_name)
     install_ollama_routes(app, OllamaBackend(engine, model_name, tuple(adapters), model_path, served, submit,
                                              _watching, generation_error))
 

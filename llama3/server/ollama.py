@@ -156,7 +156,7 @@ def _size_label(params: int) -> str:
 
 def install_ollama_routes(app: FastAPI, api: Backend) -> None:
     """Add ``/api/chat``, ``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version`` and
-    ``/api/embed`` (501 until embeddings exist) to ``app``."""
+    to ``app`` (``/api/embed`` lives in ``embeddings.py``)."""
     engine = api.engine
     tokenizer = engine.tokenizer
     model = engine.model
@@ -346,11 +346,6 @@ def install_ollama_routes(app: FastAPI, api: Backend) -> None:
     @app.get("/api/version", summary="Server version (Ollama API)")
     async def ollama_version() -> dict[str, str]:
         return {"version": __version__}
-
-    @app.post("/api/embed", summary="Embeddings (Ollama API): not yet")
-    @app.post("/api/embeddings", summary="Embeddings (Ollama's older route): not yet")
-    async def ollama_embed() -> Any:
-        raise APIError(501, "embeddings are not available yet on this server")
 
 
 def _quantization(path: Path | None) -> str | None:

@@ -45,6 +45,8 @@ NDJSON_LINE_SCHEMA: dict[str, Any] = {
     "description": "with stream=true (Ollama's default): one JSON object per line, the last with done=true",
 }
 
+EMBEDDING_PATHS = ("/v1/embeddings", "/api/embed", "/api/embeddings")
+
 _DESCRIPTIONS = {
     "400": "Invalid request: the message names the parameter and the problem",
     "401": "Missing or invalid API key (Authorization: Bearer KEY)",
@@ -52,7 +54,7 @@ _DESCRIPTIONS = {
     "429": "Every slot is busy and the queue is full; retry after Retry-After seconds",
     "500": "The model failed while generating (a server fault, never the request's)",
     "503": "The engine is not running or the server is shutting down",
-    "501": "Not available on this server yet",
+    "501": "Not available on this server (embeddings of a tensor-parallel model without --embed-model)",
 }
 
 
@@ -92,8 +94,9 @@ def install_openapi(app: FastAPI, *, api_key: bool) -> None:
                     stream = ("application/x-ndjson", NDJSON_LINE_SCHEMA) if ollama else \
                         ("text/event-stream", SSE_EVENT_SCHEMA)
                     ok["content"] = {"application/json": json_body, stream[0]: {"schema": stream[1]}}
-                if path in ("/api/embed", "/api/embeddings"):
-                    codes.append("501")
+                if path in EMBEDDING_PATHS:  # one JSON answer, never a stream; 501 on a tensor-parallel model
+                    codes = ["400", "500", "501", "503"]
+                    ok["content"] = {"application/json": json_body}
                 if "{" in path or path == "/api/show":
                     codes.append("404")
                 if path == "/health":
