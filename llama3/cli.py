@@ -67,7 +67,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)
     llm = build_llm(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    rag = _open_rag(args, llm) if args.rag else None
+    system = [{"role": "system", "content": args.system}] if args.system and rag is None else []
     dialog: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty() and not is_follower()
     if interactive:
@@ -95,16 +96,43 @@ def cmd_chat(args: argparse.Namespace) -> int:
             dialog = list(system)
             print("[conversation cleared]", file=sys.stderr)
             continue
-        dialog.append({"role": "user", "content": line})
+        sources = []
         try:
-            stream = llm.stream_chat(dialog, **kwargs)
+            if rag is None:
+                stream = llm.stream_chat([*dialog, {"role": "user", "content": line}], **kwargs)
+            else:
+                sources, turn = rag(line, dialog)
+                stream = llm.stream_chat(turn, **kwargs)
         except Llama3Error as exc:  # e.g. the conversation outgrew the context: say so and let the user /reset
-            dialog.pop()
             print(f"error: {exc}", file=sys.stderr)
             continue
         answer = print_stream(stream, stats=not args.no_stats)
-        dialog.append({"role": "assistant", "content": answer})
+        # The history keeps the plain question, not the sources: each turn retrieves its own.
+        dialog += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        for n, hit in enumerate(sources, 1):
+            print(f"  [{n}] {hit.path}" + (" > " + " > ".join(hit.headings) if hit.headings else ""))
+    if rag is not None:
+        rag.close()
     return 0
+
+
+def _open_rag(args: argparse.Namespace, llm):
+    """``chat --rag DB``: a function (question, history) -> (sources, dialog) over the store, with ``close``."""
+    from .rag.answer import fit_sources, rag_dialog, retrieve
+    from .rag.cli import open_store
+
+    if args.rag_k < 1:
+        raise Llama3Error(f"--rag-k must be >= 1 (got {args.rag_k})")
+    store, embedder, _ = open_store(args.rag, args, llm, create=False)
+    budget = llm.max_seq_len - (args.max_tokens or 256)
+
+    def turn(question: str, history: list[dict[str, str]]):
+        hits = retrieve(store, embedder, question, k=args.rag_k, min_score=args.rag_min_score)
+        kept, _ = fit_sources(llm.tokenizer, question, hits, budget, history)
+        return kept, rag_dialog(question, kept, history)
+
+    turn.close = store.close  # type: ignore[attr-defined]
+    return turn
 
 
 def is_follower() -> bool:
@@ -154,6 +182,11 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_model_arguments(chat)
     add_sampling_arguments(chat, max_tokens=None)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--rag", default=None, metavar="DB",
+                      help="answer every turn from this store (llama3 rag index), citing its sources")
+    chat.add_argument("--rag-k", type=int, default=4, metavar="K", help="chunks retrieved per turn with --rag")
+    chat.add_argument("--rag-min-score", type=float, default=0.3, metavar="S",
+                      help="leave out chunks less similar than this with --rag (cosine)")
     chat.set_defaults(func=cmd_chat)
 
     complete = sub.add_parser("complete", help="complete a text prompt, streaming")
@@ -189,6 +222,10 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         finetune.set_defaults(func=finetune_cli.run)
         finetune_cli.add_export_arguments(export)
         export.set_defaults(func=finetune_cli.run_export)
+
+    rag = sub.add_parser("rag", help="index your files and answer questions from them, with citations")
+    if chosen == "rag":
+        _attach(rag, "llama3.rag.cli")
 
     evaluate = sub.add_parser("eval", help="evaluate on a benchmark")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")

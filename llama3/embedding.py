@@ -160,10 +160,17 @@ class SentenceEmbedder:
         except ImportError as exc:
             raise EmbeddingError(f"sentence-transformers is not installed ({exc}): pip install sentence-transformers"
                                  ) from None
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a 22M-parameter model loads in a blink: no bar on the user's terminal
         try:
             self.st = SentenceTransformer(str(path), device=str(device), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign directory: name it, whatever the library raised
             raise EmbeddingError(f"cannot load the embedding model {path}: {type(exc).__name__}: {exc}") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.name = name or path.name
         # (sentence-transformers renamed the method; older releases only have the first name)
         size = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
