@@ -429,6 +429,20 @@ class Llama:
         ids = check_lengths(embedder.tokenize(list(texts)), embedder.max_tokens, truncate)
         return embed(embedder, ids).vectors
 
+    def rag_answer(self, question: str, db: str | Path, *, k: int = 4, min_score: float = 0.3,
+                   max_gen_len: int = 256, **kwargs: Any):
+        """Answer ``question`` from the store ``db`` (built by ``llama3 rag index``), citing its chunks as [n]:
+        a ``llama3.rag.answer.RagAnswer`` (text, sources, cited numbers, chunks left out for lack of context)."""
+        from .rag.answer import rag_answer
+        from .rag.embedders import open_store
+
+        store, embedder = open_store(db, load_llm=lambda: self)
+        try:
+            return rag_answer(self, store, embedder, question, k=k, min_score=min_score, max_gen_len=max_gen_len,
+                              **kwargs)
+        finally:
+            store.close()
+
     def stream_chat(self, dialog: Dialog, **kwargs: Any) -> TextStream:
         """``stream`` for a dialog, answered as the assistant."""
         return self.stream(self.tokenizer.encode_dialog_prompt(dialog), **kwargs)

@@ -204,6 +204,11 @@ def test_cli_index_then_ask_cites_the_right_source(docs, tmp_path, capsys):
     assert "Biscuit" in out and "PWNED" not in out.split("\nSources:\n")[0]
     assert main(["rag", "ask", "anything", "--db", str(tmp_path / "missing")]) == 1
     assert "holds no index yet" in capsys.readouterr().err
+    from llama3.generation import Llama
+
+    result = Llama.build(None, max_seq_len=1024).rag_answer("What is the lighthouse keeper's cat called?", db,
+                                                            temperature=0, max_gen_len=24)
+    assert result.sources[0].path == str(docs / "cat.txt") and "Biscuit" in result.text and result.left_out == 0
 
 
 def test_missing_path_is_a_clear_cli_error(tmp_path, capsys):

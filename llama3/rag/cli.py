@@ -36,41 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(ask, max_tokens=256)
 
 
-def embedder_for(spec: str, args: argparse.Namespace, llm=None):
-    """The embedder named by ``spec`` ("minilm", a directory, or "llama[:pooling]") and the llm it loaded, if any."""
-    from ..embedding import LlamaEmbedder, load_embedder
-
-    if spec.startswith("llama"):
-        llm = llm or build_llm(args, announce=False)
-        pooling = spec.partition(":")[2] or "mean"
-        return LlamaEmbedder(llm.model, llm.tokenizer, pooling=pooling, max_tokens=llm.max_seq_len), llm
-    return load_embedder(spec), llm
-
-
-def store_name(spec: str, embedder) -> str:
-    """What the store records about its embedder (checked on every later use)."""
-    from ..embedding import LlamaEmbedder
-
-    if isinstance(embedder, LlamaEmbedder):
-        return f"llama:{embedder.pooling}:{embedder.name}:{embedder.dimensions}"
-    return embedder.name
-
-
 def open_store(db: str, args: argparse.Namespace, llm=None, *, create: bool):
-    """(store, embedder, llm) for ``db``; an existing store picks its own embedder."""
-    from .store import LocalStore, StoreError, stored_settings
+    """(store, embedder, llm) for ``db``; the model loads only if the store embeds with it."""
+    from . import embedders
 
-    settings = stored_settings(db)
-    if settings is None and not create:
-        raise StoreError(f"{Path(db).expanduser()} holds no index yet: run `llama3 rag index FILES --db {db}` first")
-    spec = getattr(args, "embed_model", None) or "minilm"
-    if settings is not None:
-        recorded = settings["embedder"]
-        spec = f"llama:{recorded.split(':')[1]}" if recorded.startswith("llama:") else (
-            "minilm" if recorded == "all-MiniLM-L6-v2" else spec)
-    embedder, llm = embedder_for(spec, args, llm)
-    store = LocalStore(db, embedder=store_name(spec, embedder), dimensions=embedder.dimensions, create=create)
-    return store, embedder, llm
+    loaded = [llm]
+
+    def load_llm():
+        if loaded[0] is None:
+            loaded[0] = build_llm(args, announce=False)
+        return loaded[0]
+
+    store, embedder = embedders.open_store(db, embed_model=getattr(args, "embed_model", None) or "minilm",
+                                           load_llm=load_llm, create=create)
+    return store, embedder, loaded[0]
 
 
 def run(args: argparse.Namespace) -> int:
