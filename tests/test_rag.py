@@ -144,6 +144,30 @@ def test_index_reindex_and_search(docs, tmp_path, minilm):
     store.close()
 
 
+def test_qdrant_collection_behaves_as_the_local_store(docs, tmp_path, minilm):
+    from llama3.rag.embedders import open_store
+
+    local, _ = open_store(tmp_path / "local", create=True)
+    qdrant, _ = open_store(f"qdrant:{tmp_path / 'qd'}/notes", create=True)  # Qdrant's embedded mode
+    for store in (local, qdrant):
+        assert len(index_paths(store, minilm, [docs], progress=False).added) == 3
+    questions = ["How do I rotate the API key?", "watering tomatoes", "What is the cat called?"]
+    for q in questions:
+        a, b = (retrieve(s, minilm, q, k=3) for s in (local, qdrant))
+        assert [h.body for h in a] == [h.body for h in b] and abs(a[0].score - b[0].score) < 1e-4
+    qdrant.close()
+    qdrant, _ = open_store(f"qdrant:{tmp_path / 'qd'}/notes")  # persisted; reopened with its own embedder
+    assert len(index_paths(qdrant, minilm, [docs], progress=False).unchanged) == 3
+    (docs / "cat.txt").unlink()
+    assert index_paths(qdrant, minilm, [docs], progress=False).removed == [str(docs / "cat.txt")]
+    assert all("cat.txt" not in h.path for h in retrieve(qdrant, minilm, "What is the cat called?", k=5))
+    assert len(qdrant) == len(local) - 1
+    qdrant.close()
+    local.close()
+    with pytest.raises(StoreError, match="expected qdrant:http://HOST:PORT/COLLECTION"):
+        open_store("qdrant:nocollection", create=True)
+
+
 def test_store_refuses_another_embedder_and_damaged_files(tmp_path, minilm):
     db = tmp_path / "db"
     LocalStore(db, embedder=minilm.name, dimensions=minilm.dimensions).close()

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
     index = sub.add_parser("index", help="chunk, embed and store files (re-running indexes only what changed)")
     index.add_argument("paths", nargs="+", help="files and directories (.txt .md .rst .html .htm .pdf)")
-    index.add_argument("--db", default=DEFAULT_DB, help="the store directory (default %(default)s)")
+    index.add_argument("--db", default=DEFAULT_DB, help="the store: a directory (default %(default)s), or a Qdrant "
+                       "collection: qdrant:http://HOST:6333/NAME (QDRANT_API_KEY) or qdrant:DIRECTORY/NAME")
     index.add_argument("--embed-model", default="minilm",
                        help="'minilm' (all-MiniLM-L6-v2, default), a sentence-transformers directory, or 'llama' "
                        "(the --model's mean-pooled hidden states)")
@@ -76,7 +77,7 @@ def _index(args: argparse.Namespace) -> int:
         print(f"warning: skipped {path}: {why}", file=sys.stderr)
     print(f"{len(report.added)} added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
           f"{len(report.removed)} removed, {len(report.failed)} failed; {report.chunks} chunks embedded; "
-          f"{total} chunks in {Path(args.db).expanduser()}")
+          f"{total} chunks in {args.db}")
     return 0
 
 
@@ -89,7 +90,7 @@ def _ask(args: argparse.Namespace) -> int:
     from .store import StoreError, stored_settings
 
     if stored_settings(args.db) is None:  # before the model loads
-        raise StoreError(f"{Path(args.db).expanduser()} holds no index yet: run `llama3 rag index FILES --db "
+        raise StoreError(f"{args.db} holds no index yet: run `llama3 rag index FILES --db "
                          f"{args.db}` first")
     llm = build_llm(args)
     store, embedder, llm = open_store(args.db, args, llm, create=False)

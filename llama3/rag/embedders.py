@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..embedding import MINILM_NAME, Embedder, LlamaEmbedder, load_embedder
-from .store import LocalStore, StoreError, stored_settings
+from .store import LocalStore, QdrantStore, StoreError, connect, stored_settings
 
 
 def embedder_for(spec: str, load_llm: Callable[[], Any] | None = None) -> Embedder:
@@ -34,11 +34,11 @@ def recorded_name(embedder: Embedder) -> str:
 
 
 def open_store(db: str | Path, *, embed_model: str = "minilm", load_llm: Callable[[], Any] | None = None,
-               create: bool = False) -> tuple[LocalStore, Embedder]:
+               create: bool = False) -> tuple[LocalStore | QdrantStore, Embedder]:
     """The store in ``db`` and its embedder (a new store uses ``embed_model``; an existing one its own)."""
     settings = stored_settings(db)
     if settings is None and not create:
-        raise StoreError(f"{Path(db).expanduser()} holds no index yet: run `llama3 rag index FILES --db {db}` first")
+        raise StoreError(f"{db} holds no index yet: run `llama3 rag index FILES --db {db}` first")
     spec = embed_model
     if settings is not None:
         recorded = settings.get("embedder", "")
@@ -50,5 +50,5 @@ def open_store(db: str | Path, *, embed_model: str = "minilm", load_llm: Callabl
             raise StoreError(f"{Path(db).expanduser()} was indexed with {recorded}: pass --embed-model with that "
                              "model's directory")
     embedder = embedder_for(spec, load_llm)
-    store = LocalStore(db, embedder=recorded_name(embedder), dimensions=embedder.dimensions, create=create)
+    store = connect(db, embedder=recorded_name(embedder), dimensions=embedder.dimensions, create=create)
     return store, embedder

@@ -6,8 +6,9 @@ id: approximate search that stays fast on large corpora, deletions by key, a sin
 Why usearch: benchmarks/README.md, "Vector stores" (build time, query latency and recall@10 of the candidates
 on 100k real chunks). Every vector is L2-normalised, so inner product is cosine similarity.
 
-The ``Store`` protocol is what indexing and answering use, so another backend (a vector database server) can
-stand behind the same calls.
+The ``Store`` protocol is what indexing and answering use, so another backend stands behind the same calls:
+``QdrantStore`` keeps everything in a Qdrant collection, on a server (``--db qdrant:http://host:6333/NAME``)
+for corpora that outgrow one machine, or in Qdrant's embedded local mode (``--db qdrant:DIRECTORY/NAME``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,9 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_path ON chunks(path);
 """
+
+
+QDRANT_PREFIX = "qdrant:"
 
 
 class StoreError(Llama3Error):
@@ -71,7 +76,9 @@ class Store(Protocol):
 
 
 def stored_settings(directory: str | Path) -> dict[str, str] | None:
-    """The settings of the store in ``directory`` (its embedder, dimensions), or None when there is none yet."""
+    """The settings of the store ``directory`` names (its embedder, dimensions), or None when there is none yet."""
+    if str(directory).startswith(QDRANT_PREFIX):
+        return QdrantStore.settings(str(directory))
     path = Path(directory).expanduser() / "store.db"
     if not path.is_file():
         return None
@@ -179,3 +186,117 @@ class LocalStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+class QdrantStore:
+    """The ``Store`` calls over one Qdrant collection: points carry their chunk (path, hash, ordinal, headings,
+    body) as payload, and the collection's metadata records the embedder, checked as ``LocalStore`` does."""
+
+    def __init__(self, spec: str, *, embedder: str, dimensions: int, create: bool = True) -> None:
+        from qdrant_client import models
+
+        self.spec = spec
+        self.client, self.collection = self._connect(spec)
+        self.remote = spec[len(QDRANT_PREFIX):].startswith(("http://", "https://"))
+        try:
+            exists = self.client.collection_exists(self.collection)
+            if not exists:
+                if not create:
+                    raise StoreError(f"{spec} holds no index yet: run `llama3 rag index FILES --db {spec}` first")
+                self.client.create_collection(
+                    self.collection, vectors_config=models.VectorParams(size=dimensions, distance=models.Distance.COSINE),
+                    metadata={"embedder": embedder, "dimensions": str(dimensions)})
+                if self.remote:  # (Qdrant's embedded mode has no payload indexes and warns about them)
+                    self.client.create_payload_index(self.collection, "path", models.PayloadSchemaType.KEYWORD)
+            settings = self._metadata()
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unreachable server, refused key...: name the store
+            raise StoreError(f"cannot use the Qdrant store {spec}: {type(exc).__name__}: {exc}") from None
+        if settings.get("embedder") != embedder or settings.get("dimensions") != str(dimensions):
+            raise StoreError(f"{spec} was indexed with {settings.get('embedder')} ({settings.get('dimensions')} "
+                             f"dimensions), not {embedder}: use the same embedding model, or another collection")
+
+    @staticmethod
+    def _connect(spec: str):
+        from qdrant_client import QdrantClient
+
+        location, _, collection = spec[len(QDRANT_PREFIX):].rstrip("/").rpartition("/")
+        if not location or not collection:
+            raise StoreError(f"--db {spec}: expected qdrant:http://HOST:PORT/COLLECTION or qdrant:DIRECTORY/COLLECTION")
+        if location.startswith(("http://", "https://")):
+            return QdrantClient(url=location, api_key=os.environ.get("QDRANT_API_KEY")), collection
+        return QdrantClient(path=str(Path(location).expanduser())), collection
+
+    def _metadata(self) -> dict[str, str]:
+        return dict(self.client.get_collection(self.collection).config.metadata or {})
+
+    @classmethod
+    def settings(cls, spec: str) -> dict[str, str] | None:
+        client, collection = cls._connect(spec)
+        try:
+            if not client.collection_exists(collection):
+                return None
+            return dict(client.get_collection(collection).config.metadata or {})
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot use the Qdrant store {spec}: {type(exc).__name__}: {exc}") from None
+        finally:
+            client.close()
+
+    def _path_filter(self, path: str):
+        from qdrant_client import models
+
+        return models.Filter(must=[models.FieldCondition(key="path", match=models.MatchValue(value=path))])
+
+    def files(self) -> dict[str, str]:
+        out, offset = {}, None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=1024, offset=offset,
+                                                with_payload=["path", "hash"], with_vectors=False)
+            out.update((p.payload["path"], p.payload["hash"]) for p in points)
+            if offset is None:
+                return out
+
+    def remove_file(self, path: str) -> None:
+        from qdrant_client import models
+
+        self.client.delete(self.collection, points_selector=models.FilterSelector(filter=self._path_filter(path)),
+                           wait=True)
+
+    def put_file(self, path: str, digest: str, chunks: Sequence[tuple[tuple[str, ...], str]],
+                 vectors: np.ndarray) -> None:
+        from qdrant_client import models
+
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        self.remove_file(path)
+        points = [models.PointStruct(id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{path}#{i}")), vector=v.tolist(),
+                                     payload={"path": path, "hash": digest, "ordinal": i, "headings": list(h),
+                                              "body": body})
+                  for i, ((h, body), v) in enumerate(zip(chunks, vectors))]
+        if points:
+            self.client.upsert(self.collection, points=points, wait=True)
+
+    def commit(self) -> None:
+        """Nothing to do: every write above waited for Qdrant's acknowledgement."""
+
+    def __len__(self) -> int:
+        return self.client.count(self.collection, exact=True).count
+
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        if k < 1:
+            return []
+        found = self.client.query_points(self.collection, query=np.asarray(vector, dtype=np.float32).tolist(),
+                                         limit=k, with_payload=True).points
+        return [Hit(float(p.score), p.payload["path"], int(p.payload["ordinal"]), tuple(p.payload["headings"]),
+                    p.payload["body"]) for p in found]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect(db: str | Path, *, embedder: str, dimensions: int, create: bool) -> LocalStore | QdrantStore:
+    """The store ``db`` names: ``qdrant:...`` (see ``QdrantStore``) or a directory (``LocalStore``)."""
+    if str(db).startswith(QDRANT_PREFIX):
+        return QdrantStore(str(db), embedder=embedder, dimensions=dimensions, create=create)
+    return LocalStore(db, embedder=embedder, dimensions=dimensions, create=create)
