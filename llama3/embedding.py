@@ -77,6 +77,14 @@ def check_lengths(ids: list[list[int]], max_tokens: int, truncate: bool) -> list
     return ids
 
 
+def check_vocabulary(ids: Sequence[Sequence[int]], vocab_size: int, whose: str) -> None:
+    """Token-id inputs must name tokens of the embedding model's vocabulary."""
+    for i, row in enumerate(ids):
+        bad = next((t for t in row if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise EmbeddingError(f"input {i} holds token id {bad}, outside {whose} vocabulary (0..{vocab_size - 1})")
+
+
 def passes(ids: Sequence[Sequence[int]], budget: int = TOKENS_PER_PASS) -> Iterator[list[int]]:
     """Indices of ``ids`` grouped into forward passes of at most ``budget`` padded tokens (longest first, so
     padding stays small); a single longer input is a pass of its own."""
@@ -123,11 +131,7 @@ class LlamaEmbedder:
         return [self.tokenizer.encode(t, bos=self.tokenizer.add_bos, eos=False) for t in texts]
 
     def check_ids(self, ids: Sequence[Sequence[int]]) -> None:
-        for i, row in enumerate(ids):
-            bad = next((t for t in row if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise EmbeddingError(f"input {i} holds token id {bad}, outside this model's vocabulary "
-                                     f"(0..{self.vocab_size - 1})")
+        check_vocabulary(ids, self.vocab_size, "this model's")
 
     @torch.inference_mode()
     def embed_tokens(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -185,11 +189,7 @@ class SentenceEmbedder:
                 for t in texts]
 
     def check_ids(self, ids: Sequence[Sequence[int]]) -> None:
-        for i, row in enumerate(ids):
-            bad = next((t for t in row if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise EmbeddingError(f"input {i} holds token id {bad}, outside {self.name}'s vocabulary "
-                                     f"(0..{self.vocab_size - 1})")
+        check_vocabulary(ids, self.vocab_size, f"{self.name}'s")
 
     @torch.inference_mode()
     def embed_tokens(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
