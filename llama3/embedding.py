@@ -50,6 +50,9 @@ class Embedder(Protocol):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text as the model sees it (special tokens added)."""
 
+    def check_ids(self, ids: Sequence[Sequence[int]]) -> None:
+        """``EmbeddingError`` for an id outside the model's vocabulary (token-id inputs)."""
+
     def embed_tokens(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
         """(len(batch), dimensions) float32, each row L2-normalised."""
 
