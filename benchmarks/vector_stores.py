@@ -89,6 +89,10 @@ def dir_size(path: Path) -> int:
 # -- candidates: build(base, dir) -> search(query, k) -> ids ----------------------------------------------------
 
 
+class Unavailable(Exception):
+    """A candidate that cannot run here (the reason is printed)."""
+
+
 def numpy_exact(base: np.ndarray, where: Path):
     path = where / "vectors.npy"
     np.save(path, base)
@@ -101,6 +105,8 @@ def sqlite_vec(base: np.ndarray, where: Path):
 
     path = where / "vec.db"
     db = sqlite3.connect(path)
+    if not hasattr(db, "enable_load_extension"):
+        raise Unavailable("this Python's sqlite3 was built without loadable extensions")
     db.enable_load_extension(True)
     sqlite_vec.load(db)
     db.execute(f"CREATE VIRTUAL TABLE v USING vec0(embedding float[{base.shape[1]}] distance_metric=cosine)")
@@ -198,7 +204,11 @@ def main() -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            path, search = build(base, Path(tmp))
+            try:
+                path, search = build(base, Path(tmp))
+            except Unavailable as exc:
+                print(f"{name:22}  skipped: {exc}")
+                continue
             built = time.perf_counter() - start
             size = dir_size(path) / 1e6
             search(queries[0], args.k)
