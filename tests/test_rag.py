@@ -89,6 +89,12 @@ def test_pdf_text_is_read_by_page(tmp_path):
     sections = read_document(path)
     assert [s.headings for s in sections] == [("page 1",), ("page 2",)]
     assert "primed" in sections[0].text and "filter" in sections[1].text
+    with PdfPages(tmp_path / "scan.pdf") as pdf:  # pages without a text layer, as a scan
+        pdf.savefig(Figure())
+    store = LocalStore(tmp_path / "db", embedder="all-MiniLM-L6-v2", dimensions=384)
+    report = index_paths(store, load_embedder("minilm"), [tmp_path / "scan.pdf"], progress=False)
+    assert report.empty == [str(tmp_path / "scan.pdf")] and report.chunks == 0
+    store.close()
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
     with pytest.raises(DocumentError, match="broken.pdf"):
         read_document(tmp_path / "broken.pdf")

@@ -75,6 +75,8 @@ def _index(args: argparse.Namespace) -> int:
         store.close()
     for path, why in report.failed:
         print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    for path in report.empty:
+        print(f"warning: {path} holds no text to index (a scanned PDF needs OCR first)", file=sys.stderr)
     print(f"{len(report.added)} added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
           f"{len(report.removed)} removed, {len(report.failed)} failed; {report.chunks} chunks embedded; "
           f"{total} chunks in {args.db}")

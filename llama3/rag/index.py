@@ -32,6 +32,7 @@ class IndexReport:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    empty: list[str] = field(default_factory=list)  # read, but no text in them (a scanned PDF without OCR)
     chunks: int = 0
 
 
@@ -91,6 +92,8 @@ def index_paths(store: Store, embedder: Embedder, paths: Iterable[str | Path], *
         store.put_file(key, digest, [(c.headings, c.body) for c in chunks],
                        vectors if vectors is not None else _empty(embedder))
         (report.updated if key in known else report.added).append(key)
+        if not chunks:
+            report.empty.append(key)
         report.chunks += len(chunks)
         store.commit()  # per file: an interrupted run keeps what it finished
     present = {str(p) for p in files}
