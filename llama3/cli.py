@@ -110,7 +110,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # The history keeps the plain question, not the sources: each turn retrieves its own.
         dialog += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
         for n, hit in enumerate(sources, 1):
-            print(f"  [{n}] {hit.path}" + (" > " + " > ".join(hit.headings) if hit.headings else ""))
+            print(f"  [{n}] {hit.where}")
     if rag is not None:
         rag.close()
     return 0

@@ -14,7 +14,7 @@ Inputs longer than the embedder's limit are an error (``EmbeddingError``) unless
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -103,15 +103,11 @@ def passes(ids: Sequence[Sequence[int]], budget: int = TOKENS_PER_PASS) -> Itera
         yield group
 
 
-def embed(embedder: Embedder, ids: list[list[int]], run: Callable[[Callable[[], torch.Tensor]], torch.Tensor]
-          | None = None) -> Embeddings:
-    """Vectors of ``ids`` (already checked), pass by pass. ``run(job)`` runs each pass where the model may run
-    (a server's engine thread); default: here."""
+def embed(embedder: Embedder, ids: list[list[int]]) -> Embeddings:
+    """Vectors of ``ids`` (already checked), one bounded pass at a time."""
     vectors = torch.empty(len(ids), embedder.dimensions)
     for group in passes(ids):
-        batch = [ids[i] for i in group]
-        out = run(lambda b=batch: embedder.embed_tokens(b)) if run is not None else embedder.embed_tokens(batch)
-        vectors[group] = out.float().cpu()
+        vectors[group] = embedder.embed_tokens([ids[i] for i in group]).float().cpu()
     return Embeddings(vectors, sum(len(row) for row in ids))
 
 

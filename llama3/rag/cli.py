@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..errors import Llama3Error
 from ..options import add_model_arguments, add_sampling_arguments, build_llm
@@ -89,14 +88,9 @@ def _ask(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise Llama3Error(f"-k must be >= 1 (got {args.k})")
-    from .store import StoreError, stored_settings
-
-    if stored_settings(args.db) is None:  # before the model loads
-        raise StoreError(f"{args.db} holds no index yet: run `llama3 rag index FILES --db "
-                         f"{args.db}` first")
-    llm = build_llm(args)
-    store, embedder, llm = open_store(args.db, args, llm, create=False)
+    store, embedder, llm = open_store(args.db, args, create=False)  # a missing store fails before the model loads
     try:
+        llm = llm or build_llm(args)
         kwargs = sampling_kwargs(args)
         max_gen_len = kwargs.pop("max_gen_len") or 256
         result = rag_answer(llm, store, embedder, args.question, k=args.k, min_score=args.min_score,
@@ -107,9 +101,8 @@ def _ask(args: argparse.Namespace) -> int:
     if result.sources:
         print("\nSources:")
         for n, hit in enumerate(result.sources, 1):
-            where = hit.path + (" > " + " > ".join(hit.headings) if hit.headings else "")
             mark = "*" if n in result.cited else " "
-            print(f"{mark}[{n}] {where} (score {hit.score:.2f})")
+            print(f"{mark}[{n}] {hit.where} (score {hit.score:.2f})")
     else:
         print("\n(no sources found)")
     if result.left_out:

@@ -57,6 +57,11 @@ class Hit:
     headings: tuple[str, ...]
     body: str
 
+    @property
+    def where(self) -> str:
+        """The file and heading path, as listed under an answer."""
+        return self.path + (" > " + " > ".join(self.headings) if self.headings else "")
+
 
 class Store(Protocol):
     def files(self) -> dict[str, str]:
