@@ -245,6 +245,30 @@ class Transformer(nn.Module):
                 layer.attention.cache = cache
             self.cache_batch, self.cache_len = shape
 
+    @contextmanager
+    def branches(self, row: int, length: int, count: int, extra: int) -> Iterator[None]:
+        """Run forwards over ``count`` branches that each continue KV-cache row ``row``'s first ``length``
+        positions by up to ``extra`` tokens (batch rows 0..count-1 at positions ``length``..): a scratch cache
+        holds a copy of that prefix per branch, so branches never see each other and the KV cache itself is
+        left exactly as it was (scoring several continuations of one prefilled prompt in one batched pass)."""
+        caches = [layer.attention.cache for layer in self.layers]
+        if any(c is None for c in caches) or not 0 <= row < self.cache_batch or length + extra > self.cache_len:
+            raise ValueError(f"branches of cache row {row} over {length}+{extra} positions need a KV cache of at "
+                             f"least {row + 1} x {length + extra} ({self.cache_batch} x {self.cache_len} allocated)")
+        shape = (self.cache_batch, self.cache_len)
+        for layer, cache in zip(self.layers, caches):
+            scratch = KVCache(count, cache.k.shape[1], length + extra, cache.k.shape[3], cache.k.dtype, cache.k.device)
+            scratch.k[:, :, :length] = cache.k[row, :, :length]
+            scratch.v[:, :, :length] = cache.v[row, :, :length]
+            layer.attention.cache = scratch
+        self.cache_batch, self.cache_len = count, length + extra
+        try:
+            yield
+        finally:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.cache = cache
+            self.cache_batch, self.cache_len = shape
+
     def _attention_inputs(
         self, start_pos: int | torch.Tensor, positions: torch.Tensor, kv_len: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:

@@ -28,6 +28,11 @@ drops; up to float rounding elsewhere (attention over a longer key range rounds 
 does). Keys and values written for rejected draft positions lie beyond the sequence's position and are
 overwritten before any read.
 
+Option scoring (``GenerationSpec.options``): the prompt is prefilled as above, prefix cache included; then
+every option is a branch of that cache row in one batched forward (``Transformer.branches``: a scratch copy of
+the prompt's keys and values per branch) and the sequence ends with each option's token logprobs, without a
+decode step.
+
 LoRA adapters: each sequence runs with its own (``GenerationSpec.adapter``, else the model's engaged one), rows
 of one decode step with different adapters alike; a slot's cached chunks are reused only by a sequence with
 the adapter that computed them.
@@ -56,6 +61,8 @@ PREFILL_TOKENS_PER_STEP = 256
 # kernels stream each weight once for all rows (llama3.quant.native.FUSED_MAX_ROWS), so drafts cost little,
 # and the output head keeps computing every row alone, which the exactness above relies on.
 LOOKUP_MAX_ROWS = 32
+# Most scratch KV-cache bytes the branches of one option-scoring pass may take (more options run in more passes).
+BRANCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -153,6 +160,15 @@ class Scheduler:
                 known = ", ".join(sorted(router.configs)) if router is not None else ""
                 raise GenerationError(f"no LoRA adapter named {spec.adapter!r} (loaded: {known or 'none'})")
         room = self.max_seq_len - len(spec.prompt)
+        if spec.options:
+            for i, option in enumerate(spec.options):
+                if not 1 <= len(option) <= room:
+                    raise GenerationError(f"option {i} of {name} has {len(option)} tokens; it must have at least 1 "
+                                          f"and at most {room} (context {self.max_seq_len} minus the prompt's "
+                                          f"{len(spec.prompt)} tokens)")
+                if any(not 0 <= t < self.vocab_size for t in option):
+                    raise GenerationError(f"option {i} of {name} contains token ids outside the vocabulary "
+                                          f"[0, {self.vocab_size})")
         if not 1 <= spec.max_tokens <= room:
             raise GenerationError(
                 f"max_tokens={spec.max_tokens} must be >= 1 and at most {room} "
@@ -306,8 +322,39 @@ class Scheduler:
         if size == self.chunk and len(slot.cached) == start:  # a whole chunk: reusable by a later prompt
             slot.cached += prompt[start : start + size]
         if slot.position == len(prompt):
+            if seq.spec.options:
+                self._score_options(index, slot, logits[-1], changed)
+                return
             slot.ready = True
             self._accept(slot, logits[-1], changed)
+
+    def _score_options(self, index: int, slot: _Slot, last: torch.Tensor, changed: list[Sequence]) -> None:
+        """Score a prefilled prompt's options: every option of two or more tokens runs as a branch of the slot's
+        cache row (``Transformer.branches``), as many per batched pass as ``BRANCH_BYTES`` of scratch cache
+        allow; then the sequence ends and the slot (its cached chunks untouched) is free again."""
+        seq = slot.seq
+        options, length = seq.spec.options, len(seq.spec.prompt)
+        longer = [i for i, option in enumerate(options) if len(option) > 1]
+        cache = self.model.layers[0].attention.cache
+        per_branch = 2 * len(self.model.layers) * cache.k[0].numel() // cache.k.shape[2] * cache.k.element_size()
+        branches: dict[int, torch.Tensor] = {}
+        while longer:
+            extra = max(len(options[i]) for i in longer) - 1
+            count = max(1, min(len(longer), BRANCH_BYTES // (per_branch * (length + extra))))
+            group, longer = longer[:count], longer[count:]
+            extra = max(len(options[i]) for i in group) - 1
+            # Each branch feeds its option but the last token (whose logprob the previous position gives);
+            # shorter options are padded, and what the padding computes is never read.
+            tokens = torch.zeros(len(group), extra, dtype=torch.long)
+            for row, i in enumerate(group):
+                tokens[row, : len(options[i]) - 1] = torch.tensor(list(options[i][:-1]))
+            with self._route([seq] * len(group)), self.model.branches(index, length, len(group), extra):
+                logits = self.model(tokens.to(self.device), length)
+            for row, i in enumerate(group):
+                branches[i] = logits[row, : len(options[i]) - 1]
+        seq.score_options(last, branches)
+        changed.append(seq)
+        self._release(slot)
 
     def _decode(self, changed: list[Sequence]) -> None:
         drafts = self._drafts() if self.prompt_lookup else {}

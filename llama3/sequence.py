@@ -42,6 +42,9 @@ class GenerationSpec:
     logits before each choice; ``grammar`` then allows only what it accepts next, and a stop token only where
     it may end (structured output). ``skip_special`` leaves special tokens out of the text. ``adapter`` names the
     LoRA adapter this sequence runs with (``llama3.lora``; None: the model's engaged one, if any).
+    ``options`` (token-id lists) scores continuations instead of generating: the prompt is prefilled once, every
+    option runs as a branch of it in one batched pass, and ``Sequence.option_logprobs`` holds each option's
+    per-token log-probabilities (multiple-choice scoring, as evaluation harnesses do); nothing is generated.
     """
 
     prompt: Seq[int]
@@ -55,6 +58,7 @@ class GenerationSpec:
     skip_special: bool = True
     grammar: Grammar | None = None
     adapter: str | None = None
+    options: Seq[Seq[int]] = ()
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Sequence:
         self.generated: list[int] = []
         self.entries: list[TokenLogprob] = []  # with spec.logprobs, one per generated token
         self.prompt_logprobs: list[float] = []  # with spec.echo_logprobs: logprob of prompt[j] for j >= 1
+        self.option_logprobs: list[list[float]] = []  # with spec.options: each option token's logprob
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_kind: str | None = None
@@ -118,6 +123,20 @@ class Sequence:
         if len(targets):
             logp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
             self.prompt_logprobs += logp.gather(-1, targets[:, None]).squeeze(-1).tolist()
+
+    def score_options(self, first: torch.Tensor, branches: dict[int, torch.Tensor]) -> None:
+        """Record each option's token logprobs and end: ``first`` (V,) are the logits after the prompt,
+        ``branches[i]`` (len(option i) - 1, V) the logits after each of option i's tokens but its last."""
+        first_logp = torch.log_softmax(first.float(), dim=-1)
+        scores = []
+        for i, option in enumerate(self.spec.options):
+            row = [float(first_logp[option[0]])]
+            if len(option) > 1:
+                logp = torch.log_softmax(branches[i].float(), dim=-1)
+                row += logp.gather(-1, torch.tensor(list(option[1:]), device=logp.device)[:, None]).squeeze(-1).tolist()
+            scores.append(row)
+        self.option_logprobs = scores
+        self.end("stop")
 
     def accept(self, logits: torch.Tensor) -> None:
         """Choose the next token from this sequence's (V,) float32 logits, then record it or finish.

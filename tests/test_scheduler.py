@@ -136,3 +136,72 @@ def test_a_chat_answers_the_same_with_its_history_in_the_cache():
         stats = llm.scheduler.stats()
         assert (stats["prefix_cache_hits"] >= 3) if cache else stats["prefix_cache_hits"] == 0
     assert answers[True] == answers[False]
+
+
+def brute_force_option_logprobs(model, prompt: list[int], option: list[int]) -> list[float]:
+    """One cache-less forward over prompt + option: the logprob of each option token (the oracle)."""
+    with torch.inference_mode(), model.cache_detached():
+        logits = model(torch.tensor([prompt + option]))[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(option)]
+
+
+@pytest.mark.parametrize("which", ["float_model", "quantized_model"])
+@pytest.mark.parametrize("branch_bytes", [None, 1])
+def test_option_scoring_equals_one_forward_per_option(which, branch_bytes, request, tokenizer, monkeypatch):
+    """Options of 1 to 6 tokens scored as branches of one prefilled prompt (prefix-cache hit included, and with a
+    scratch budget that forces one branch per pass) equal a separate full forward per option; the KV cache's
+    reusable chunks stay valid (a later greedy run with a hit equals a cold one)."""
+    import llama3.scheduler as scheduler_module
+
+    if branch_bytes is not None:
+        monkeypatch.setattr(scheduler_module, "BRANCH_BYTES", branch_bytes)
+    model = request.getfixturevalue(which)
+    tol = 1e-4 if which == "float_model" else 2e-3
+    prompt = tokenizer.encode("Which of these is a fruit? 0. car 1. apple 2. the moon 3. a chair. Answer:",
+                              bos=True, eos=False)
+    assert len(prompt) > CHUNK  # the second scoring reuses a cached chunk
+    options = [tokenizer.encode(t, bos=False, eos=False) for t in
+               (" 1", " apple", " the moon", " a wooden chair with four legs", " car")]
+    assert sorted({len(o) for o in options})[0] == 1 and max(len(o) for o in options) >= 5
+    scheduler = Scheduler(model, max_batch_size=2, max_seq_len=128, chunk=CHUNK)
+    for attempt in range(2):
+        seq = Sequence(GenerationSpec(prompt, 1, GREEDY, options=options), tokenizer, torch.Generator(), frozenset())
+        scheduler.add(seq)
+        while not seq.done:
+            scheduler.step()
+        assert seq.finish_reason == "stop" and seq.generated == []
+        assert scheduler.prefix_hits == attempt
+        for option, got in zip(options, seq.option_logprobs):
+            want = brute_force_option_logprobs(model, prompt, option)
+            assert len(got) == len(option)
+            assert max(abs(a - b) for a, b in zip(got, want)) < tol, (option, got, want)
+    warm = run(scheduler, tokenizer, prompt + options[1], 4)
+    assert scheduler.prefix_hits == 2
+    cold = run(Scheduler(model, max_batch_size=2, max_seq_len=128, chunk=CHUNK, prefix_cache=False), tokenizer,
+               prompt + options[1], 4)
+    assert warm.generated == cold.generated
+
+
+def test_option_scoring_runs_beside_generation_and_rejects_bad_options(float_model, tokenizer):
+    """A scoring sequence admitted while another generates leaves the other's greedy tokens unchanged; options
+    that are empty, too long or outside the vocabulary are refused with a message that names them."""
+    from llama3.errors import GenerationError
+
+    prompt = tokenizer.encode("Pick a colour:", bos=True, eos=False)
+    alone = run(Scheduler(float_model, max_batch_size=2, max_seq_len=64, chunk=CHUNK), tokenizer, prompt, 12)
+    scheduler = Scheduler(float_model, max_batch_size=2, max_seq_len=64, chunk=CHUNK)
+    gen = Sequence(GenerationSpec(prompt, 12, GREEDY), tokenizer, torch.Generator(), frozenset())
+    scheduler.add(gen)
+    scheduler.step()
+    score = Sequence(GenerationSpec(prompt, 1, GREEDY, options=[[5, 6], [7]]), tokenizer, torch.Generator(),
+                     frozenset())
+    scheduler.add(score)
+    while not gen.done or not score.done:
+        scheduler.step()
+    assert gen.generated == alone.generated
+    assert [len(o) for o in score.option_logprobs] == [2, 1]
+    for options, needle in (([[]], "option 0"), ([[1], [10**7]], "option 1"), ([[1] * 80], "at most")):
+        bad = Sequence(GenerationSpec(prompt, 1, GREEDY, options=options), tokenizer, torch.Generator(), frozenset())
+        with pytest.raises(GenerationError, match=needle):
+            scheduler.add(bad)
