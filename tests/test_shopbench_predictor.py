@@ -17,7 +17,7 @@ import torch
 from llama3.constraints import GrammarConstraint
 from llama3.tasks.shopbench.data import load_questions
 from llama3.tasks.shopbench.parsing import parse_response
-from llama3.tasks.shopbench.predictor import ShopBenchModel
+from llama3.tasks.shopbench.predictor import Recipe, ShopBenchModel
 
 from test_shopbench_data import DEV, needs_dev
 
@@ -39,6 +39,13 @@ class RandomLLM:
         self.calls.append([s.max_tokens for s in specs])
         out = []
         for spec in specs:
+            if spec.options:  # option scoring: a random logprob per option token
+                scores = [(-torch.rand(len(o), generator=self.rng) * 5).tolist() for o in spec.options]
+                seq = SimpleNamespace(generated=[], kept_tokens=list, option_logprobs=scores)
+                if on_finish is not None:
+                    on_finish(seq)
+                out.append(seq)
+                continue
             generated: list[int] = []
             grammar = GrammarConstraint(spec.grammar, self.tokenizer) if spec.grammar is not None else None
             for step in range(spec.max_tokens):
@@ -85,7 +92,7 @@ def assert_well_formed(question, response: str) -> None:
 def test_constrained_answers_always_parse(smol_tokenizer):
     questions = [q for q in load_questions(DEV).questions if q.task_type in FORMATTED]
     llm = RandomLLM(smol_tokenizer)
-    model = ShopBenchModel(llm, batch_size=16)
+    model = ShopBenchModel(llm, batch_size=16, recipe=Recipe(choice="generate", lists="generate"))
     preds = model.run([q.prompt for q in questions], [q.is_multiple_choice for q in questions])
     assert len(preds) == len(questions) == 71
     for q, p in zip(questions, preds):
@@ -131,7 +138,7 @@ def test_unconstrained_uses_seed_repairs(smol_tokenizer):
 
 def test_seed_interface_and_truncation(smol_tokenizer):
     llm = RandomLLM(smol_tokenizer, max_seq_len=64, max_batch_size=4)
-    model = ShopBenchModel(llm, batch_size=4)
+    model = ShopBenchModel(llm, batch_size=4, recipe=Recipe(choice="generate"))
     long_prompt = "Which product is best? " + "filler words " * 200 + "\n0. a\n1. b\nAnswer: "
     assert model.predict(long_prompt, True) in ("0", "1")
     preds = model.run([long_prompt], [True])

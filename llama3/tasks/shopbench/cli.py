@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 from ...errors import Llama3Error
 from .data import load_questions
+from .predictor import SCORINGS, Recipe
+from .router import TASK_TYPES
 
 __all__ = ["add_arguments", "format_report", "run"]
 
@@ -33,6 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = Recipe()
+    parser.add_argument("--choice", choices=SCORINGS, default=defaults.choice,
+                        help="multiple-choice answers: constrained generation, or the log-likelihood of each option's "
+                             f"label, text (summed) or text-mean (per token) (default {defaults.choice})")
+    parser.add_argument("--lists", choices=SCORINGS, default=defaults.lists,
+                        help=f"ranking and retrieval answers, the same ways (default {defaults.lists})")
+    parser.add_argument("--cot", default=",".join(sorted(defaults.cot)) or "none", metavar="TYPES",
+                        help="task types answered after a chain of thought: comma-separated among "
+                             f"{', '.join(TASK_TYPES)}, 'all' or 'none' (default {','.join(sorted(defaults.cot)) or 'none'})")
+    parser.add_argument("--cot-tokens", type=int, default=defaults.cot_tokens,
+                        help=f"most reasoning tokens before the answer (default {defaults.cot_tokens})")
+    parser.add_argument("--shots", type=int, default=defaults.shots,
+                        help=f"few-shot examples per question, from --examples (default {defaults.shots})")
+    parser.add_argument("--examples", type=Path, default=None,
+                        help="labelled ShopBench records to draw few-shot examples from (default: the evaluated file, "
+                             "leave-one-out: a question is never shown itself)")
     add_model_arguments(parser, max_seq_len=2048)
 
 
@@ -63,6 +81,14 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{t['track']:<39} {t['tasks']:>5} {_fmt(t['score']):>8}")
         lines.append(f"{'overall':<39} {'':>5} {_fmt(report['overall']):>8}")
         lines.append("")
+    recipe = report.get("settings", {}).get("recipe")
+    if recipe:
+        lines.append(f"recipe: multiple-choice {recipe['choice']}, ranking/retrieval {recipe['lists']}, "
+                     f"chain of thought {','.join(recipe['cot']) or 'none'}"
+                     + (f" ({recipe['cot_tokens']} tokens)" if recipe["cot"] else "") + f", {recipe['shots']} shots")
+    examples = report.get("settings", {}).get("examples")
+    if examples:
+        lines.append(f"few-shot examples from {examples['source']}: {examples['protocol']}")
     routing = report["routing"]
     if routing["accuracy"] is not None:
         lines.append(f"routing accuracy: {routing['accuracy']:.2%} ({routing['correct']}/{routing['total']})")
@@ -82,8 +108,19 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    """The answering recipe of ``args``; ValueError names a bad option."""
+    names = [t.strip() for t in args.cot.split(",") if t.strip()]
+    cot = frozenset(TASK_TYPES) if names == ["all"] else frozenset() if names in ([], ["none"]) else frozenset(names)
+    if not cot <= set(TASK_TYPES):
+        raise ValueError(f"--cot: unknown task type(s) {', '.join(sorted(cot - set(TASK_TYPES)))} "
+                         f"(expected {', '.join(TASK_TYPES)}, all or none)")
+    return Recipe(choice=args.choice, lists=args.lists, cot=cot, cot_tokens=args.cot_tokens, shots=args.shots)
+
+
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     """Run the evaluation described by ``args``; returns the process exit status."""
+    from .examples import ExamplePool, few_shot_protocol
     from .harness import build_report, evaluate
     from .metrics import Scorer
     from .predictor import ShopBenchModel
@@ -101,12 +138,28 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     for p in loaded.problems:
         print(f"warning: {args.data}:{p.line}: skipped: {p.message}", file=err)
     questions = loaded.questions[: args.limit] if args.limit is not None else loaded.questions
+    try:
+        recipe = recipe_from(args)
+    except ValueError as e:
+        print(f"error: {e}", file=err)
+        return 2
+    pool = None
+    if recipe.shots:
+        source = args.examples or args.data
+        try:
+            pool = ExamplePool(loaded.questions if source == args.data else load_questions(source).questions)
+        except Llama3Error as e:
+            print(f"error: --examples: {e}", file=err)
+            return 2
+        if not len(pool):
+            print(f"error: --shots {recipe.shots} needs labelled records in {source}", file=err)
+            return 2
     max_new = {"generation": args.max_gen_len, "named_entity_recognition": args.max_gen_len} if args.max_gen_len else None
     constrain = not args.no_constrain
     try:
         model = ShopBenchModel(load_llm(args), batch_size=args.batch_size, constrain=constrain,
                                repair=not args.no_repair, temperature=args.temperature, top_p=args.top_p,
-                               max_new_tokens=max_new)
+                               max_new_tokens=max_new, recipe=recipe, examples=pool)
         evaluation = evaluate(model, questions, scorer=Scorer(), progress=not args.no_progress)
     except Llama3Error as e:
         print(f"error: {e}", file=err)
@@ -114,7 +167,10 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     settings = {"data": str(args.data), "model": args.model or "default (SmolLM2-135M-Instruct Q4_1)",
                 "batch_size": args.batch_size, "constrain": constrain, "repair": not args.no_repair,
                 "temperature": args.temperature, "top_p": args.top_p, "max_seq_len": model.llm.max_seq_len,
-                "limit": args.limit}
+                "limit": args.limit, "recipe": model.recipe.as_dict(),
+                "examples": None if pool is None else {
+                    "source": str(args.examples or args.data),
+                    "protocol": few_shot_protocol(pool, [q.prompt for q in questions])}}
     report = build_report(evaluation, settings=settings, problems=loaded.problems)
     print(format_report(report), file=out)
     if args.out is not None:

@@ -160,6 +160,12 @@ def _question_row(r: QuestionResult) -> dict[str, Any]:
                            "raw_output": p.raw, "response": p.response, "parsed": _jsonable(r.parsed),
                            "truth": q.truth, "prompt_tokens": p.prompt_tokens,
                            "generated_tokens": p.generated_tokens, "truncated": p.truncated}
+    if p.reasoning is not None:
+        row["reasoning"] = p.reasoning
+    if p.option_scores is not None:
+        row["option_scores"] = [round(x, 4) for x in p.option_scores]
+    if p.examples:
+        row["examples"] = p.examples
     if isinstance(r.score, tuple):
         row["counts"] = {"tp": r.score[0], "fp": r.score[1], "fn": r.score[2]}
         row["score"] = micro_f1([r.score])

@@ -7,9 +7,11 @@ tokenizer's ``encode_dialog_prompt``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .router import Route
 
-__all__ = ["SYSTEM_PROMPTS", "build_dialog", "system_prompt"]
+__all__ = ["COT_CUE", "SYSTEM_PROMPTS", "build_dialog", "system_prompt"]
 
 _ROLE = "You are a helpful online shopping assistant with deep knowledge of products, brands and customers."
 
@@ -38,17 +40,30 @@ SYSTEM_PROMPTS: dict[str, str] = {
 
 _DEFAULT = "generation"
 
+# Chain of thought: the system turn asks for reasoning first; after the reasoning (cut at the recipe's budget)
+# this cue closes it and the answer follows under the task's constraint or option scoring.
+_COT = ("First think step by step in a few short sentences about the question. Then write 'Final answer:' on a "
+        "new line followed by the answer in the required format.")
+COT_CUE = "\nFinal answer:\n"
+
 
 def system_prompt(task_type: str) -> str:
     """The system instruction for ``task_type`` (the generation one for an unknown type)."""
     return SYSTEM_PROMPTS.get(task_type, SYSTEM_PROMPTS[_DEFAULT])
 
 
-def build_dialog(prompt: str, route: Route) -> list[dict[str, str]]:
-    """System instruction for the routed type, then the question as the user turn."""
+def build_dialog(prompt: str, route: Route, *, examples: Sequence[tuple[str, str]] = (),
+                 cot: bool = False) -> list[dict[str, str]]:
+    """System instruction for the routed type, few-shot ``examples`` (prompt, answer) as earlier turns, then the
+    question as the user turn. ``cot`` asks for reasoning before the answer."""
     instruction = system_prompt(route.task_type)
     if route.task_type == "retrieval" and route.pick:
         instruction += f" Output exactly {route.pick} different numbers."
     if route.task_type == "multiple-choice" and route.options:
         instruction += f" The options are {', '.join(map(str, route.options))}."
-    return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt.strip()}]
+    if cot:
+        instruction += " " + _COT
+    dialog = [{"role": "system", "content": instruction}]
+    for shown, answer in examples:
+        dialog += [{"role": "user", "content": shown.strip()}, {"role": "assistant", "content": answer}]
+    return dialog + [{"role": "user", "content": prompt.strip()}]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["TASK_TYPES", "Route", "numbered_items", "route"]
+__all__ = ["TASK_TYPES", "Route", "numbered_items", "numbered_lines", "route"]
 
 MULTIPLE_CHOICE = "multiple-choice"
 RETRIEVAL = "retrieval"
@@ -20,7 +20,7 @@ GENERATION = "generation"
 TASK_TYPES: tuple[str, ...] = (MULTIPLE_CHOICE, RETRIEVAL, RANKING, NER, GENERATION)
 
 # "3. foo", "10.bar", "2) baz" at the start of a line; the number is an option/item label.
-_ITEM = re.compile(r"^[ \t]*(\d{1,3})[.)][ \t]*\S", re.MULTILINE)
+_ITEM = re.compile(r"^[ \t]*(\d{1,3})[.)][ \t]*(\S.*)$", re.MULTILINE)
 _WORD_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
                  "nine": 9, "ten": 10}
 _NUM = r"(\d+|one|two|three|four|five|six|seven|eight|nine|ten)"
@@ -44,18 +44,24 @@ class Route:
     items: tuple[int, ...] = ()  # ranking/retrieval: the labels of the numbered list
     pick: int | None = None  # retrieval: how many items to output
     source: str | None = None  # NER / extractive generation: the text the answer is copied from
+    texts: tuple[str, ...] = ()  # the text of each option (MC) or item (ranking/retrieval) when the prompt lists it
+
+
+def numbered_lines(prompt: str) -> tuple[tuple[int, str], ...]:
+    """(label, text) of the last consecutively numbered block of lines (``0.``/``1.`` upwards) in ``prompt``."""
+    blocks: list[list[tuple[int, str]]] = []
+    for m in _ITEM.finditer(prompt):
+        n, text = int(m.group(1)), m.group(2).strip()
+        if blocks and n == blocks[-1][-1][0] + 1:
+            blocks[-1].append((n, text))
+        elif n in (0, 1):
+            blocks.append([(n, text)])
+    return tuple(blocks[-1]) if blocks else ()
 
 
 def numbered_items(prompt: str) -> tuple[int, ...]:
     """Labels of the last consecutively numbered block of lines (``0.``/``1.`` upwards) in ``prompt``."""
-    blocks: list[list[int]] = []
-    for m in _ITEM.finditer(prompt):
-        n = int(m.group(1))
-        if blocks and n == blocks[-1][-1] + 1:
-            blocks[-1].append(n)
-        elif n in (0, 1):
-            blocks.append([n])
-    return tuple(blocks[-1]) if blocks else ()
+    return tuple(n for n, _ in numbered_lines(prompt))
 
 
 def _pick_count(prompt: str) -> int | None:
@@ -82,27 +88,30 @@ def route(prompt: str, is_multiple_choice: bool) -> Route:
     free text is parsed and scored leniently). An extraction question ("extract ... from the
     review") keeps the labelled text it refers to as ``source``.
     """
-    items = numbered_items(prompt)
+    lines = numbered_lines(prompt)
+    items = tuple(n for n, _ in lines)
     if is_multiple_choice:
         options = tuple(n for n in items if n <= 9)
+        texts = tuple(text for n, text in lines if n <= 9)
         if not options:
             scale = _SCALE.search(prompt)
             lo, hi = (int(scale.group(1)), int(scale.group(2))) if scale else (0, 9)
             options = tuple(range(min(lo, hi), max(lo, hi) + 1))
-        return Route(MULTIPLE_CHOICE, options=options)
+        return Route(MULTIPLE_CHOICE, options=options, texts=texts)
     # A ranking/retrieval list has items labelled from 1 (a list from 0 is an option list).
     listed = items if items and items[0] == 1 and len(items) >= 2 else ()
+    texts = tuple(text for _, text in lines) if listed else ()
     if listed:
         if _RANK.search(prompt):
-            return Route(RANKING, items=listed)
+            return Route(RANKING, items=listed, texts=texts)
         pick = _pick_count(prompt)
         if pick is not None and pick < len(listed):
-            return Route(RETRIEVAL, items=listed, pick=pick)
+            return Route(RETRIEVAL, items=listed, pick=pick, texts=texts)
         if len(listed) > 5:
-            return Route(RETRIEVAL, items=listed, pick=3)
+            return Route(RETRIEVAL, items=listed, pick=3, texts=texts)
     if _NER.search(prompt):
         return Route(NER, source=_source_text(prompt) or prompt.strip())
     if listed and len(listed) <= 5:
-        return Route(RANKING, items=listed)
+        return Route(RANKING, items=listed, texts=texts)
     # "Extract the keyphrase from the review": a generation answer copied from the labelled text.
     return Route(GENERATION, source=_source_text(prompt) if _EXTRACT.search(prompt) else None)
