@@ -27,16 +27,18 @@ from llama3.tasks.shopbench.predictor import Recipe
 
 ALL_TYPES = frozenset({"multiple-choice", "ranking", "retrieval", "named_entity_recognition", "generation"})
 RECIPES: dict[str, Recipe] = {
-    "generate": Recipe(choice="generate", lists="generate"),  # constrained decoding everywhere (session 6)
-    "label": Recipe(choice="label", lists="label"),
-    "text": Recipe(choice="text", lists="text"),
-    "text-mean": Recipe(choice="text-mean", lists="text-mean"),
-    "text/generate": Recipe(choice="text", lists="generate"),
-    "cot-mc": Recipe(choice="generate", lists="generate", cot=frozenset({"multiple-choice"})),
-    "cot-all": Recipe(choice="generate", lists="generate", cot=ALL_TYPES),
-    "cot-text": Recipe(choice="text", lists="generate", cot=ALL_TYPES),
-    "2-shot": Recipe(choice="generate", lists="generate", shots=2),
-    "2-shot-text": Recipe(choice="text", lists="generate", shots=2),
+    # Constrained decoding everywhere: the harness's answers before option scoring (session 6).
+    "generate": Recipe(choice="generate", lists="generate", entities="generate"),
+    "label": Recipe(choice="label", lists="label", entities="generate"),
+    "text": Recipe(choice="text", lists="text", entities="generate"),
+    "text-mean": Recipe(choice="text-mean", lists="text-mean", entities="generate"),
+    "text/generate": Recipe(choice="text", lists="generate", entities="generate"),
+    "spans": Recipe(choice="text", lists="generate", entities="spans"),
+    "cot-mc": Recipe(choice="generate", lists="generate", entities="generate", cot=frozenset({"multiple-choice"})),
+    "cot-all": Recipe(choice="generate", lists="generate", entities="generate", cot=ALL_TYPES),
+    "cot-text": Recipe(choice="text", lists="generate", entities="spans", cot=ALL_TYPES),
+    "2-shot": Recipe(choice="generate", lists="generate", entities="generate", shots=2),
+    "2-shot-spans": Recipe(choice="text", lists="generate", entities="spans", shots=2),
     "default": Recipe(),
 }
 

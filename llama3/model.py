@@ -245,6 +245,14 @@ class Transformer(nn.Module):
                 layer.attention.cache = cache
             self.cache_batch, self.cache_len = shape
 
+    def copy_cache(self, src: int, dst: int, start: int, end: int) -> None:
+        """Copy KV-cache row ``src``'s positions ``start..end-1`` into row ``dst`` (every layer): a prefix
+        prefilled in one slot, reused by another."""
+        for layer in self.layers:
+            cache = layer.attention.cache
+            cache.k[dst, :, start:end] = cache.k[src, :, start:end]
+            cache.v[dst, :, start:end] = cache.v[src, :, start:end]
+
     @contextmanager
     def branches(self, row: int, length: int, count: int, extra: int) -> Iterator[None]:
         """Run forwards over ``count`` branches that each continue KV-cache row ``row``'s first ``length``

@@ -16,7 +16,13 @@ Prefix cache: a free slot keeps the keys and values of the whole chunks it prefi
 prompt starts with those tokens (the previous turn of a chat, a shared system prompt or few-shot block) takes
 that slot and prefills only the rest. Only whole chunks computed by prefill at the same offsets are reused,
 so a hit gives exactly the numbers of a cold prefill; decode-written positions and partial chunks are
-recomputed. Without a hit, the least recently used free slot is taken.
+recomputed. Without a hit, the least recently used free slot is taken. Before each prefill chunk, whole chunks
+that another slot holds (running or free) are copied instead of computed, so prompts admitted together reuse
+the prefix the first of them prefilled. A prompt that declares a shared prefix
+(``GenerationSpec.shared_prefix``: a system turn, few-shot examples, shorter than a chunk) is chunked at
+0, CHUNK, ... up to that prefix's end, and from there on at its end + k CHUNK: the prefix's last chunk ends
+exactly there, so every prompt declaring the same prefix reuses it, and the chunk offsets (hence the numbers)
+of a hit are still those of a cold prefill of the same prompt.
 
 Prompt lookup (``prompt_lookup`` > 0, off by default): a decode step also feeds each sequence's draft, the
 tokens that followed the last earlier occurrence of its latest n-gram (``llama3.lookup``), as extra rows at the
@@ -70,6 +76,7 @@ class _Slot:
     """One KV-cache row: the sequence in it, and the prompt tokens whose prefilled chunks it still holds."""
 
     cached: list[int] = field(default_factory=list)  # tokens of whole prefilled chunks at positions 0..len-1
+    bounds: list[int] = field(default_factory=list)  # where those chunks end (the last is len(cached))
     cached_adapter: str | None = None  # the LoRA adapter those chunks were computed with
     last_used: int = 0  # when its last sequence left (least recently used free slots are overwritten first)
     admitted: int = 0  # when its sequence came in (older prompts are prefilled first)
@@ -145,7 +152,7 @@ class Scheduler:
         if model.cache_batch != self.max_batch_size or model.cache_len != self.max_seq_len:
             model.setup_cache(self.max_batch_size, self.max_seq_len)
         for slot in self.slots:
-            slot.cached = []
+            slot.cached, slot.bounds = [], []
         model.kv_owner = self
 
     # -- queueing ------------------------------------------------------------------------------------------
@@ -160,6 +167,9 @@ class Scheduler:
                 known = ", ".join(sorted(router.configs)) if router is not None else ""
                 raise GenerationError(f"no LoRA adapter named {spec.adapter!r} (loaded: {known or 'none'})")
         room = self.max_seq_len - len(spec.prompt)
+        if not 0 <= spec.shared_prefix <= len(spec.prompt):
+            raise GenerationError(f"shared_prefix={spec.shared_prefix} of {name} must be between 0 and its "
+                                  f"{len(spec.prompt)} tokens")
         if spec.options:
             for i, option in enumerate(spec.options):
                 if not 1 <= len(option) <= room:
@@ -271,7 +281,21 @@ class Scheduler:
         limit = min(len(slot.cached), len(prompt) - 1)
         while n < limit and slot.cached[n] == prompt[n]:
             n += 1
-        return n // self.chunk * self.chunk
+        # The cached chunks up to the reuse point must be the ones this prompt's own prefill would compute.
+        reuse, start = 0, 0
+        for bound in slot.bounds:
+            if bound > n or self._chunk_end(start, seq.spec.shared_prefix) != bound:
+                break
+            reuse = start = bound
+        return reuse
+
+    def _chunk_end(self, start: int, shared: int) -> int:
+        """Where the prefill chunk starting at ``start`` ends (before the prompt's end cuts it): at the next
+        multiple of the chunk size, except that one ends at the shared prefix's end and the later ones follow
+        it at whole chunks."""
+        if start < shared:
+            return min((start // self.chunk + 1) * self.chunk, shared)
+        return start + self.chunk - (start - shared) % self.chunk
 
     def _admit(self) -> None:
         while self.waiting:
@@ -285,6 +309,7 @@ class Scheduler:
                                  key=lambda c: c[:2])
             self._clock += 1
             slot.cached = slot.cached[:reuse]
+            slot.bounds = [b for b in slot.bounds if b <= reuse]
             slot.cached_adapter = self._adapter(seq)
             slot.seq, slot.position, slot.ready, slot.admitted = seq, reuse, False, self._clock
             slot.lookup = PromptLookup() if self.prompt_lookup else None
@@ -301,12 +326,39 @@ class Scheduler:
         for index, slot in sorted(enumerate(self.slots), key=lambda item: item[1].admitted):
             while budget > 0 and slot.seq is not None and not slot.ready:
                 seq = slot.seq
+                self._borrow(index, slot)
                 start = slot.position
-                size = min(self.chunk - start % self.chunk, len(seq.spec.prompt) - start)
+                size = min(self._chunk_end(start, seq.spec.shared_prefix), len(seq.spec.prompt)) - start
                 budget -= size
                 self._guard([slot], changed, lambda: self._prefill_chunk(index, slot, start, size, changed))
             if budget <= 0:
                 return
+
+    def _borrow(self, index: int, slot: _Slot) -> None:
+        """Before prefilling, copy from any other slot (running or free) the whole chunks it holds that this
+        prompt would compute next: prompts admitted together share a system prompt that only one has prefilled
+        yet, and a running slot's chunks are never overwritten (its writes land past them)."""
+        seq = slot.seq
+        if not self.prefix_cache or seq.spec.echo_logprobs or slot.position != len(slot.cached):
+            return
+        prompt = seq.spec.prompt
+        best, source = slot.position, None
+        for other_index, other in enumerate(self.slots):
+            if other is slot or len(other.cached) <= best:
+                continue
+            reuse = self._reusable(other, seq, prompt)
+            if reuse > best:
+                best, source = reuse, (other_index, other)
+        if source is None:
+            return
+        other_index, other = source
+        self.model.copy_cache(other_index, index, slot.position, best)
+        if slot.position == 0:
+            self.prefix_hits += 1
+        self.prefix_tokens += best - slot.position
+        slot.cached = list(prompt[:best])
+        slot.bounds = [b for b in other.bounds if b <= best]
+        slot.position = best
 
     def _prefill_chunk(self, index: int, slot: _Slot, start: int, size: int, changed: list[Sequence]) -> None:
         seq = slot.seq
@@ -319,8 +371,10 @@ class Scheduler:
         if seq.spec.echo_logprobs:
             seq.score_prompt(logits, start)
         slot.position = start + size
-        if size == self.chunk and len(slot.cached) == start:  # a whole chunk: reusable by a later prompt
+        whole = start + size == self._chunk_end(start, seq.spec.shared_prefix)
+        if whole and len(slot.cached) == start:  # a whole chunk (not cut by the prompt's end): reusable later
             slot.cached += prompt[start : start + size]
+            slot.bounds.append(start + size)
         if slot.position == len(prompt):
             if seq.spec.options:
                 self._score_options(index, slot, logits[-1], changed)

@@ -45,6 +45,8 @@ class GenerationSpec:
     ``options`` (token-id lists) scores continuations instead of generating: the prompt is prefilled once, every
     option runs as a branch of it in one batched pass, and ``Sequence.option_logprobs`` holds each option's
     per-token log-probabilities (multiple-choice scoring, as evaluation harnesses do); nothing is generated.
+    ``shared_prefix``: how many leading prompt tokens other prompts share (a system turn, few-shot examples); the
+    prefix cache then reuses exactly those, even when they are shorter than a prefill chunk.
     """
 
     prompt: Seq[int]
@@ -59,6 +61,7 @@ class GenerationSpec:
     grammar: Grammar | None = None
     adapter: str | None = None
     options: Seq[Seq[int]] = ()
+    shared_prefix: int = 0
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 
 from llama3.assets import default_model_path
 from llama3.engine import Engine
+from llama3.errors import GenerationError
 from llama3.generation import Llama
 from llama3.sampling import SamplingParams
 from llama3.scheduler import Scheduler
@@ -205,3 +206,73 @@ def test_option_scoring_runs_beside_generation_and_rejects_bad_options(float_mod
         bad = Sequence(GenerationSpec(prompt, 1, GREEDY, options=options), tokenizer, torch.Generator(), frozenset())
         with pytest.raises(GenerationError, match=needle):
             scheduler.add(bad)
+
+
+@pytest.mark.parametrize("shared", [10, 21])
+def test_a_declared_shared_prefix_shorter_than_a_chunk_is_reused_exactly(shared, float_model, tokenizer):
+    """Prompts that declare the same shared prefix (10 tokens: inside the first chunk; 21: one whole chunk and 5
+    more) reuse exactly its tokens; the logits equal a cold prefill of the same prompt with the same declaration
+    bit for bit, and one without it within float rounding. A prompt declaring another prefix reuses only the
+    chunks its own prefill would have computed."""
+    def spec(prompt, declared):
+        return GenerationSpec(prompt, 3, GREEDY, processors=(recorder := Recorder(),), shared_prefix=declared), recorder
+
+    prefix = list(range(1000, 1000 + shared))
+    first, second = prefix + list(range(2000, 2030)), prefix + list(range(3000, 3025))
+    warm = Scheduler(float_model, max_batch_size=1, max_seq_len=128, chunk=CHUNK)
+    for prompt in (first, second):
+        s, _ = spec(prompt, shared)
+        seq = Sequence(s, tokenizer, torch.Generator(), frozenset())
+        warm.add(seq)
+        while not seq.done:
+            warm.step()
+    assert warm.prefix_hits == 1 and warm.prefix_tokens == shared
+    # The same prompt declaring no shared prefix: only the whole chunks at multiples of CHUNK are common.
+    s, _ = spec(second, 0)
+    third = Sequence(s, tokenizer, torch.Generator(), frozenset())  # (before the cold runs below claim the model)
+    warm.add(third)
+    while not third.done:
+        warm.step()
+    assert warm.prefix_tokens == shared + (CHUNK if shared > CHUNK else 0)
+    hit_rows = seq.spec.processors[0].rows
+    for declared, exact in ((shared, True), (0, False)):
+        cold = Scheduler(float_model, max_batch_size=1, max_seq_len=128, chunk=CHUNK, prefix_cache=False)
+        s, recorder = spec(second, declared)
+        other = Sequence(s, tokenizer, torch.Generator(), frozenset())
+        cold.add(other)
+        while not other.done:
+            cold.step()
+        assert other.generated == seq.generated
+        for a, b in zip(hit_rows, recorder.rows):
+            assert (torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-3)), (exact, (a - b).abs().max())
+    with pytest.raises(GenerationError, match="shared_prefix=99"):
+        warm.add(Sequence(GenerationSpec(first, 2, GREEDY, shared_prefix=99), tokenizer, torch.Generator(), frozenset()))
+
+
+def test_prompts_admitted_together_borrow_the_prefix_the_first_one_prefilled(float_model, tokenizer):
+    """Three prompts with one declared shared prefix, queued at once into three slots: the first prefills it,
+    the other two copy its chunks from that (still running) slot; the prefill's logits equal a cold prefill of
+    the same prompt alone bit for bit, and the greedy tokens are the same."""
+    prefix = list(range(1000, 1021))  # a whole chunk and 5 tokens
+    prompts = [prefix + list(range(2000 + 100 * i, 2000 + 100 * i + 9 + i)) for i in range(3)]
+    warm = Scheduler(float_model, max_batch_size=3, max_seq_len=128, chunk=CHUNK)
+    seqs = []
+    for prompt in prompts:
+        seqs.append(Sequence(GenerationSpec(prompt, 4, GREEDY, processors=(Recorder(),), shared_prefix=21), tokenizer,
+                             torch.Generator(), frozenset()))
+        warm.add(seqs[-1])
+    while not all(s.done for s in seqs):
+        warm.step()
+    assert warm.prefix_hits == 2 and warm.prefix_tokens == 2 * 21
+    for prompt, seq in zip(prompts, seqs):
+        cold = Scheduler(float_model, max_batch_size=1, max_seq_len=128, chunk=CHUNK, prefix_cache=False)
+        alone = Sequence(GenerationSpec(prompt, 4, GREEDY, processors=(Recorder(),), shared_prefix=21), tokenizer,
+                         torch.Generator(), frozenset())
+        cold.add(alone)
+        while not alone.done:
+            cold.step()
+        assert alone.generated == seq.generated
+        rows, alone_rows = seq.spec.processors[0].rows, alone.spec.processors[0].rows
+        assert torch.equal(rows[0], alone_rows[0])  # the prefill's logits: bit for bit
+        # Later rows come from batched decode steps (three rows here, one alone): float GEMMs round per batch size.
+        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(rows[1:], alone_rows[1:]))

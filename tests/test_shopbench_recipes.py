@@ -147,9 +147,25 @@ def test_recipe_and_cli_options_are_checked():
         Recipe(choice="vote")
     with pytest.raises(ValueError, match="unknown task type"):
         Recipe(cot=frozenset({"poetry"}))
-    args = SimpleNamespace(choice="text", lists="label", cot="all", cot_tokens=32, shots=2)
+    args = SimpleNamespace(choice="text", lists="label", entities="spans", cot="all", cot_tokens=32, shots=2)
     assert recipe_from(args).cot == frozenset({"multiple-choice", "ranking", "retrieval", "named_entity_recognition",
                                                "generation"})
     with pytest.raises(ValueError, match="--cot: unknown task type"):
         recipe_from(SimpleNamespace(**{**vars(args), "cot": "ranking,poems"}))
     assert recipe_from(SimpleNamespace(**{**vars(args), "cot": "none"})).cot == frozenset()
+
+
+@needs_dev
+def test_entity_spans_are_runs_of_the_query_and_the_best_one_is_answered(tiny_llm, dev_questions):
+    from llama3.tasks.shopbench.predictor import source_spans
+
+    assert source_spans("tablette asus") == ["tablette", "asus", "tablette asus"]
+    assert source_spans('3m "plastic" repair tape.', longest=2) == ["3m", "plastic", "repair", "tape", "3m plastic",
+                                                                    "plastic repair", "repair tape"]
+    ner = [q for q in dev_questions if q.task_type == "named_entity_recognition"]
+    model = ShopBenchModel(tiny_llm, recipe=Recipe(entities="spans"))
+    for q, p in zip(ner, model.run([q.prompt for q in ner], [False] * len(ner))):
+        spans = source_spans(p.route.source)
+        assert len(p.option_scores) == len(spans) and p.generated_tokens == 0
+        assert p.response == spans[max(range(len(spans)), key=lambda i: p.option_scores[i])]
+        assert parse_response("named_entity_recognition", p.response) == [p.response]

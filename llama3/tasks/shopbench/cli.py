@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"label, text (summed) or text-mean (per token) (default {defaults.choice})")
     parser.add_argument("--lists", choices=SCORINGS, default=defaults.lists,
                         help=f"ranking and retrieval answers, the same ways (default {defaults.lists})")
+    parser.add_argument("--entities", choices=("generate", "spans"), default=defaults.entities,
+                        help="NER answers: phrases copied under a constraint, or the most likely run of 1-3 words of "
+                             f"the query (default {defaults.entities})")
     parser.add_argument("--cot", default=",".join(sorted(defaults.cot)) or "none", metavar="TYPES",
                         help="task types answered after a chain of thought: comma-separated among "
                              f"{', '.join(TASK_TYPES)}, 'all' or 'none' (default {','.join(sorted(defaults.cot)) or 'none'})")
@@ -84,6 +87,7 @@ def format_report(report: dict[str, Any]) -> str:
     recipe = report.get("settings", {}).get("recipe")
     if recipe:
         lines.append(f"recipe: multiple-choice {recipe['choice']}, ranking/retrieval {recipe['lists']}, "
+                     f"NER {recipe['entities']}, "
                      f"chain of thought {','.join(recipe['cot']) or 'none'}"
                      + (f" ({recipe['cot_tokens']} tokens)" if recipe["cot"] else "") + f", {recipe['shots']} shots")
     examples = report.get("settings", {}).get("examples")
@@ -115,7 +119,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     if not cot <= set(TASK_TYPES):
         raise ValueError(f"--cot: unknown task type(s) {', '.join(sorted(cot - set(TASK_TYPES)))} "
                          f"(expected {', '.join(TASK_TYPES)}, all or none)")
-    return Recipe(choice=args.choice, lists=args.lists, cot=cot, cot_tokens=args.cot_tokens, shots=args.shots)
+    return Recipe(choice=args.choice, lists=args.lists, entities=args.entities, cot=cot, cot_tokens=args.cot_tokens, shots=args.shots)
 
 
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:

@@ -62,6 +62,7 @@ class Recipe:
 
     choice: str = "text"  # multiple-choice: one of SCORINGS
     lists: str = "generate"  # ranking and retrieval: one of SCORINGS
+    entities: str = "spans"  # NER: "generate" (copy phrases under a constraint) or "spans" (score the source's)
     cot: frozenset[str] = frozenset()  # task types answered after a chain of thought
     cot_tokens: int = 96  # most reasoning tokens before the answer cue
     shots: int = 0  # few-shot examples per question, from the example pool
@@ -70,6 +71,8 @@ class Recipe:
         for name in ("choice", "lists"):
             if getattr(self, name) not in SCORINGS:
                 raise ValueError(f"{name} must be one of {', '.join(SCORINGS)}, got {getattr(self, name)!r}")
+        if self.entities not in ("generate", "spans"):
+            raise ValueError(f"entities must be generate or spans, got {self.entities!r}")
         unknown = set(self.cot) - {"multiple-choice", "ranking", "retrieval", "named_entity_recognition", "generation"}
         if unknown:
             raise ValueError(f"unknown task type(s) for chain of thought: {', '.join(sorted(unknown))}")
@@ -77,14 +80,29 @@ class Recipe:
             raise ValueError(f"cot_tokens must be >= 1 and shots >= 0 (got {self.cot_tokens}, {self.shots})")
 
     def scoring(self, task_type: str) -> str:
-        """The scoring of ``task_type`` ("generate" for the free-text types)."""
+        """The scoring of ``task_type`` ("generate" for free text)."""
         if task_type == "multiple-choice":
             return self.choice
+        if task_type == "named_entity_recognition":
+            return self.entities
         return self.lists if task_type in ("ranking", "retrieval") else "generate"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"choice": self.choice, "lists": self.lists, "cot": sorted(self.cot), "cot_tokens": self.cot_tokens,
+        return {"choice": self.choice, "lists": self.lists, "entities": self.entities, "cot": sorted(self.cot), "cot_tokens": self.cot_tokens,
                 "shots": self.shots}
+
+
+def source_spans(source: str, longest: int = 3, most: int = 64) -> list[str]:
+    """The phrases an entity answer may be: every run of 1 to ``longest`` words of ``source`` (punctuation
+    around a run dropped), shortest first, each once, at most ``most``."""
+    words = [w.strip(".,;:!?\"'()[]") for w in source.split()]
+    spans: list[str] = []
+    for n in range(1, longest + 1):
+        for i in range(len(words) - n + 1):
+            span = " ".join(w for w in words[i : i + n] if w)
+            if span and span not in spans:
+                spans.append(span)
+    return spans[:most]
 
 
 @dataclass
@@ -112,11 +130,12 @@ class _Job:
     grammar: Grammar | None
     truncated: bool
     scoring: str = "generate"
-    labels: tuple[int, ...] = ()  # scored labels, in option order
+    labels: tuple[Any, ...] = ()  # what each scored option answers (a label; a phrase for NER spans)
     options: list[list[int]] = field(default_factory=list)  # their token ids as answers
     reasoning: str | None = None
     reasoning_tokens: int = 0
     examples: list[int] = field(default_factory=list)
+    shared: int = 0  # leading tokens shared with other questions (GenerationSpec.shared_prefix)
 
 
 class ShopBenchModel:
@@ -147,6 +166,7 @@ class ShopBenchModel:
         if self.recipe.shots and (examples is None or not len(examples)):
             raise ValueError(f"shots={self.recipe.shots} needs a pool of labelled examples")
         self.examples = examples
+        self._prefixes: dict[tuple[Any, ...], list[int]] = {}  # token ids of the turns before each question
 
     @classmethod
     def load(cls, model_path: str | Path | None = None, *, tokenizer_path: str | Path | None = None,
@@ -212,8 +232,11 @@ class ShopBenchModel:
             return [CopyBiasProcessor(self.tokenizer, r.source, self.copy_bonus), LineLimitProcessor(self.tokenizer)], cap
         return [LineLimitProcessor(self.tokenizer)], cap
 
-    def _scored_options(self, r: Route, scoring: str) -> tuple[tuple[int, ...], list[list[int]]]:
+    def _scored_options(self, r: Route, scoring: str) -> tuple[tuple[Any, ...], list[list[int]]]:
         """The labels a scored answer chooses among and each one's answer tokens (empty: generate instead)."""
+        if r.task_type == "named_entity_recognition":
+            spans = source_spans(r.source) if scoring == "spans" and r.source else []
+            return tuple(spans), [self.tokenizer.encode(x, bos=False, eos=False) for x in spans]
         labels = r.options if r.task_type == "multiple-choice" else r.items
         if scoring == "generate" or not labels:
             return (), []
@@ -223,16 +246,26 @@ class ShopBenchModel:
             answers = [str(n) for n in labels]
         return tuple(labels), [self.tokenizer.encode(a, bos=False, eos=False) for a in answers]
 
-    def _dialog_tokens(self, prompt: str, r: Route, cot: bool) -> tuple[list[int], list[int]]:
-        """The chat prompt's token ids, and the line numbers of the few-shot examples in it."""
+    def _dialog_tokens(self, prompt: str, r: Route, cot: bool) -> tuple[list[int], int, list[int]]:
+        """The chat prompt's token ids, how many of them come before the question (the system turn and the
+        examples: shared with other questions, so declared to the prefix cache), and the examples' lines."""
         shots = self.examples.pick(prompt, r.task_type, self.recipe.shots) if self.recipe.shots else []
         dialog = build_dialog(prompt, r, examples=[(q.prompt, gold_answer(q)) for q in shots], cot=cot)
-        return list(self.tokenizer.encode_dialog_prompt(dialog, add_generation_prompt=True)), [q.line for q in shots]
+        tokens = list(self.tokenizer.encode_dialog_prompt(dialog, add_generation_prompt=True))
+        key = (r.task_type, r.pick, r.options, cot, tuple(q.line for q in shots))
+        if key not in self._prefixes:
+            before = self.tokenizer.encode_dialog_prompt(dialog[:-1], add_generation_prompt=False)
+            self._prefixes[key] = list(before)
+        before = self._prefixes[key]
+        shared = 0
+        while shared < min(len(before), len(tokens)) and before[shared] == tokens[shared]:
+            shared += 1
+        return tokens, shared, [q.line for q in shots]
 
     def _job(self, index: int, prompt: str, is_mc: bool) -> _Job:
         r = route(prompt, is_mc)
         cot = r.task_type in self.recipe.cot
-        tokens, shown = self._dialog_tokens(prompt, r, cot)
+        tokens, shared, shown = self._dialog_tokens(prompt, r, cot)
         scoring = self.recipe.scoring(r.task_type)
         labels, options = self._scored_options(r, scoring)
         processors, grammar, max_new = self._constraint(r)
@@ -247,9 +280,10 @@ class ShopBenchModel:
             budget = max(limit - reserve, 2)
             head = budget // 4
             tokens = tokens[:head] + tokens[len(tokens) - (budget - head):]
+            shared = min(shared, head)
             truncated = True
         return _Job(index, r, tokens, max_new, processors, grammar, truncated, scoring if options else "generate",
-                    labels, options, examples=shown)
+                    labels, options, examples=shown, shared=shared)
 
     def _cue(self) -> list[int]:
         return self.tokenizer.encode(COT_CUE, bos=False, eos=False)
@@ -260,7 +294,8 @@ class ShopBenchModel:
         """Chain of thought: generate each job's reasoning, then append it and the answer cue to its prompt."""
         if not jobs:
             return
-        specs = [GenerationSpec(j.tokens, self.recipe.cot_tokens, params, skip_special=False) for j in jobs]
+        specs = [GenerationSpec(j.tokens, self.recipe.cot_tokens, params, skip_special=False, shared_prefix=j.shared)
+                 for j in jobs]
         cue = self._cue()
         for job, seq in zip(jobs, self.llm.run(specs)):
             ids = seq.kept_tokens()
@@ -286,7 +321,7 @@ class ShopBenchModel:
         # Longest budgets first: the long answers start early and the short ones fill the slots around them.
         order = sorted(jobs, key=lambda j: -j.max_new if not j.options else 0)
         specs = [GenerationSpec(j.tokens, j.max_new, params, processors=tuple(j.processors or ()), skip_special=False,
-                                grammar=j.grammar, options=j.options) for j in order]
+                                grammar=j.grammar, options=j.options, shared_prefix=j.shared) for j in order]
 
         def finished(seq: Any) -> None:
             if on_batch is not None:
@@ -305,7 +340,7 @@ class ShopBenchModel:
             # Best first; ties keep label order.
             ranked = [job.labels[i] for i in sorted(range(len(scores)), key=lambda i: -scores[i])]
             r = job.route
-            chosen = ranked[:1] if r.task_type == "multiple-choice" else (
+            chosen = ranked[:1] if r.task_type in ("multiple-choice", "named_entity_recognition") else (
                 ranked[: min(r.pick or 3, len(ranked))] if r.task_type == "retrieval" else ranked)
             raw = response = ",".join(map(str, chosen))
             generated = 0
