@@ -106,8 +106,9 @@ def test_constrained_answers_always_parse(smol_tokenizer):
 @needs_dev
 def test_extraction_answers_are_copied_from_the_source(smol_tokenizer):
     questions = [q for q in load_questions(DEV).questions if q.task_name in ("task4", "task6")]
-    preds = ShopBenchModel(RandomLLM(smol_tokenizer, seed=2)).run([q.prompt for q in questions],
-                                                                  [q.is_multiple_choice for q in questions])
+    copy = Recipe(entities="generate")  # NER phrases generated under the copy constraint (not scored spans)
+    preds = ShopBenchModel(RandomLLM(smol_tokenizer, seed=2), recipe=copy).run([q.prompt for q in questions],
+                                                                               [q.is_multiple_choice for q in questions])
     for q, p in zip(questions, preds):
         source = p.route.source
         assert source and source in q.prompt
@@ -117,7 +118,7 @@ def test_extraction_answers_are_copied_from_the_source(smol_tokenizer):
             assert all(x and x in source for x in parts), (source, p.response)
         else:  # one keyphrase from the review, at most 16 tokens
             assert p.response in source and p.response.strip() and p.generated_tokens <= 16
-    bias = ShopBenchModel(RandomLLM(smol_tokenizer, seed=2), copy_mode="bias")
+    bias = ShopBenchModel(RandomLLM(smol_tokenizer, seed=2), copy_mode="bias", recipe=copy)
     assert bias.run([questions[0].prompt], [False])[0].generated_tokens > 0
 
 
