@@ -209,5 +209,9 @@ def test_cli_end_to_end_small_slice(tmp_path, capsys):
     assert rows["multiple-choice"]["parsed"] in (0, 1, 2, 3)
     assert sorted(rows["ranking"]["parsed"]) == [1, 2, 3, 4, 5]
     assert len(set(rows["retrieval"]["parsed"])) == 3
+    # The default recipe is recorded, and the multiple-choice answer came from its option scores.
+    assert report["settings"]["recipe"] == Recipe().as_dict() and "recipe: multiple-choice text" in captured.out
+    mc = rows["multiple-choice"]
+    assert len(mc["option_scores"]) == 4 and mc["parsed"] == max(range(4), key=lambda i: mc["option_scores"][i])
     assert rows["named_entity_recognition"]["parsed"] and all(
         e in "tablette asus" for e in rows["named_entity_recognition"]["parsed"])

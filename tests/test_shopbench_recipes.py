@@ -169,3 +169,21 @@ def test_entity_spans_are_runs_of_the_query_and_the_best_one_is_answered(tiny_ll
         assert len(p.option_scores) == len(spans) and p.generated_tokens == 0
         assert p.response == spans[max(range(len(spans)), key=lambda i: p.option_scores[i])]
         assert parse_response("named_entity_recognition", p.response) == [p.response]
+
+
+@needs_dev
+def test_cli_refuses_bad_recipe_options_before_loading_a_model(tmp_path, capsys):
+    from llama3.cli import main
+
+    assert main(["eval", "shopbench", str(DEV), "--cot", "poems"]) == 2
+    assert "error: --cot: unknown task type(s) poems" in capsys.readouterr().err
+    assert main(["eval", "shopbench", str(DEV), "--shots", "2", "--examples", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --examples: " in err and "no such file" in err
+    unlabelled = tmp_path / "hidden.jsonl"
+    unlabelled.write_text('{"input_field": "Pick one.\\n0. a\\n1. b\\nAnswer: ", "is_multiple_choice": true}\n')
+    assert main(["eval", "shopbench", str(DEV), "--shots", "1", "--examples", str(unlabelled)]) == 2
+    assert "needs labelled records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "shopbench", str(DEV), "--choice", "vote"])
+    assert "invalid choice: 'vote'" in capsys.readouterr().err
