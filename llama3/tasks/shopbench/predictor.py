@@ -136,6 +136,7 @@ class _Job:
     reasoning_tokens: int = 0
     examples: list[int] = field(default_factory=list)
     shared: int = 0  # leading tokens shared with other questions (GenerationSpec.shared_prefix)
+    prompt_tokens: int = 0  # the question's chat prompt, before any reasoning is appended
 
 
 class ShopBenchModel:
@@ -162,7 +163,8 @@ class ShopBenchModel:
         self.ner_max_items = ner_max_items
         # Without constraints every answer is free text repaired afterwards: nothing is scored.
         recipe = recipe or Recipe()
-        self.recipe = recipe if constrain else replace(recipe, choice="generate", lists="generate")
+        self.recipe = recipe if constrain else replace(recipe, choice="generate", lists="generate",
+                                                       entities="generate")
         if self.recipe.shots and (examples is None or not len(examples)):
             raise ValueError(f"shots={self.recipe.shots} needs a pool of labelled examples")
         self.examples = examples
@@ -283,7 +285,7 @@ class ShopBenchModel:
             shared = min(shared, head)
             truncated = True
         return _Job(index, r, tokens, max_new, processors, grammar, truncated, scoring if options else "generate",
-                    labels, options, examples=shown, shared=shared)
+                    labels, options, examples=shown, shared=shared, prompt_tokens=len(tokens))
 
     def _cue(self) -> list[int]:
         return self.tokenizer.encode(COT_CUE, bos=False, eos=False)
@@ -350,6 +352,5 @@ class ShopBenchModel:
             response = raw if self.constrain or not self.repair else repair_response(
                 job.route.task_type, raw, n_items=len(job.route.items) or None, pick=job.route.pick or 3)
             generated = len(ids)
-        return Prediction(job.route, raw, response, len(job.tokens) - job.reasoning_tokens - (
-            len(self._cue()) if job.reasoning is not None else 0), generated + job.reasoning_tokens, job.truncated,
-            reasoning=job.reasoning, option_scores=scores, examples=job.examples)
+        return Prediction(job.route, raw, response, job.prompt_tokens, generated + job.reasoning_tokens, job.truncated,
+                          reasoning=job.reasoning, option_scores=scores, examples=job.examples)
