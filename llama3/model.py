@@ -263,19 +263,26 @@ class Transformer(nn.Module):
         if any(c is None for c in caches) or not 0 <= row < self.cache_batch or length + extra > self.cache_len:
             raise ValueError(f"branches of cache row {row} over {length}+{extra} positions need a KV cache of at "
                              f"least {row + 1} x {length + extra} ({self.cache_batch} x {self.cache_len} allocated)")
-        shape = (self.cache_batch, self.cache_len)
-        for layer, cache in zip(self.layers, caches):
+        # Every scratch cache exists before any is swapped in: running out of memory here leaves the model as it was.
+        scratches = []
+        for cache in caches:
             scratch = KVCache(count, cache.k.shape[1], length + extra, cache.k.shape[3], cache.k.dtype, cache.k.device)
             scratch.k[:, :, :length] = cache.k[row, :, :length]
             scratch.v[:, :, :length] = cache.v[row, :, :length]
-            layer.attention.cache = scratch
-        self.cache_batch, self.cache_len = count, length + extra
+            scratches.append(scratch)
+        shape, kernel = (self.cache_batch, self.cache_len), self.decode_kernel
         try:
+            for layer, scratch in zip(self.layers, scratches):
+                layer.attention.cache = scratch
+            self.cache_batch, self.cache_len = count, length + extra
+            # Branches run the layers as written: a compiled decode kernel would recompile for every prompt length.
+            self.decode_kernel = None
             yield
         finally:
             for layer, cache in zip(self.layers, caches):
                 layer.attention.cache = cache
             self.cache_batch, self.cache_len = shape
+            self.decode_kernel = kernel
 
     def _attention_inputs(
         self, start_pos: int | torch.Tensor, positions: torch.Tensor, kv_len: int | None

@@ -325,8 +325,10 @@ class Scheduler:
         budget = self.tokens_per_step
         for index, slot in sorted(enumerate(self.slots), key=lambda item: item[1].admitted):
             while budget > 0 and slot.seq is not None and not slot.ready:
+                self._guard([slot], changed, lambda: self._borrow(index, slot))
                 seq = slot.seq
-                self._borrow(index, slot)
+                if seq is None:  # the copy failed: the sequence has ended with the error
+                    break
                 start = slot.position
                 size = min(self._chunk_end(start, seq.spec.shared_prefix), len(seq.spec.prompt)) - start
                 budget -= size
@@ -391,7 +393,7 @@ class Scheduler:
         longer = [i for i, option in enumerate(options) if len(option) > 1]
         cache = self.model.layers[0].attention.cache
         per_branch = 2 * len(self.model.layers) * cache.k[0].numel() // cache.k.shape[2] * cache.k.element_size()
-        branches: dict[int, torch.Tensor] = {}
+        branches: dict[int, list[float]] = {}
         while longer:
             extra = max(len(options[i]) for i in longer) - 1
             count = max(1, min(len(longer), BRANCH_BYTES // (per_branch * (length + extra))))
@@ -403,9 +405,13 @@ class Scheduler:
             for row, i in enumerate(group):
                 tokens[row, : len(options[i]) - 1] = torch.tensor(list(options[i][:-1]))
             with self._route([seq] * len(group)), self.model.branches(index, length, len(group), extra):
-                logits = self.model(tokens.to(self.device), length)
-            for row, i in enumerate(group):
-                branches[i] = logits[row, : len(options[i]) - 1]
+                hidden = self.model(tokens.to(self.device), length, hidden=True)
+                # Logits only where an option token is read, one option at a time: a (rows, T, vocabulary)
+                # tensor for the whole group could take gigabytes.
+                for row, i in enumerate(group):
+                    logits = self.model.output(hidden[row, : len(options[i]) - 1]).float()
+                    targets = torch.tensor(list(options[i][1:]), device=logits.device)[:, None]
+                    branches[i] = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).tolist()
         seq.score_options(last, branches)
         changed.append(seq)
         self._release(slot)

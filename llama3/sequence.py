@@ -127,18 +127,12 @@ class Sequence:
             logp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
             self.prompt_logprobs += logp.gather(-1, targets[:, None]).squeeze(-1).tolist()
 
-    def score_options(self, first: torch.Tensor, branches: dict[int, torch.Tensor]) -> None:
-        """Record each option's token logprobs and end: ``first`` (V,) are the logits after the prompt,
-        ``branches[i]`` (len(option i) - 1, V) the logits after each of option i's tokens but its last."""
+    def score_options(self, first: torch.Tensor, rest: dict[int, list[float]]) -> None:
+        """Record each option's token logprobs and end: ``first`` (V,) are the logits after the prompt (they give
+        every option's first token), ``rest[i]`` the logprobs of option i's later tokens (options of 2+ tokens)."""
         first_logp = torch.log_softmax(first.float(), dim=-1)
-        scores = []
-        for i, option in enumerate(self.spec.options):
-            row = [float(first_logp[option[0]])]
-            if len(option) > 1:
-                logp = torch.log_softmax(branches[i].float(), dim=-1)
-                row += logp.gather(-1, torch.tensor(list(option[1:]), device=logp.device)[:, None]).squeeze(-1).tolist()
-            scores.append(row)
-        self.option_logprobs = scores
+        self.option_logprobs = [[float(first_logp[option[0]]), *rest.get(i, [])]
+                                for i, option in enumerate(self.spec.options)]
         self.end("stop")
 
     def accept(self, logits: torch.Tensor) -> None:

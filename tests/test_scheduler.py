@@ -276,3 +276,35 @@ def test_prompts_admitted_together_borrow_the_prefix_the_first_one_prefilled(flo
         assert torch.equal(rows[0], alone_rows[0])  # the prefill's logits: bit for bit
         # Later rows come from batched decode steps (three rows here, one alone): float GEMMs round per batch size.
         assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(rows[1:], alone_rows[1:]))
+
+
+def test_branches_that_cannot_be_allocated_leave_the_cache_as_it_was(float_model, tokenizer, monkeypatch):
+    """Running out of memory while the scratch caches are made fails that scoring alone: every layer keeps its
+    real KV cache, and the next sequence answers as a cold one does."""
+    import llama3.model as model_module
+
+    scheduler = Scheduler(float_model, max_batch_size=2, max_seq_len=64, chunk=CHUNK)
+    made = []
+    real = model_module.KVCache
+
+    def failing(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:
+            raise MemoryError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "KVCache", failing)
+    prompt = tokenizer.encode("Pick a colour:", bos=True, eos=False)
+    score = Sequence(GenerationSpec(prompt, 1, GREEDY, options=[[5, 6], [7, 8, 9]]), tokenizer, torch.Generator(),
+                     frozenset())
+    scheduler.add(score)
+    while not score.done:
+        scheduler.step()
+    assert score.finish_reason == "error" and "out of memory" in score.error
+    monkeypatch.setattr(model_module, "KVCache", real)
+    assert all(layer.attention.cache.k.shape == (2, 2, 64, 16) for layer in float_model.layers)
+    assert (float_model.cache_batch, float_model.cache_len) == (2, 64)
+    again = run(scheduler, tokenizer, prompt, 5)
+    cold = run(Scheduler(float_model, max_batch_size=2, max_seq_len=64, chunk=CHUNK, prefix_cache=False), tokenizer,
+               prompt, 5)
+    assert again.generated == cold.generated

@@ -153,6 +153,20 @@ def test_recipe_and_cli_options_are_checked():
     with pytest.raises(ValueError, match="--cot: unknown task type"):
         recipe_from(SimpleNamespace(**{**vars(args), "cot": "ranking,poems"}))
     assert recipe_from(SimpleNamespace(**{**vars(args), "cot": "none"})).cot == frozenset()
+    with pytest.raises(ValueError, match="cot_tokens=40 leaves too little of the context"):
+        ShopBenchModel(SimpleNamespace(tokenizer=None, max_seq_len=64),
+                       recipe=Recipe(cot=frozenset({"generation"}), cot_tokens=40))
+
+
+def test_a_reformatted_copy_of_a_question_is_still_the_question(dev_questions):
+    """The pool compares prompts with whitespace collapsed: the same record with CRLF line ends or doubled spaces
+    is never an example for itself."""
+    from dataclasses import replace
+
+    q = dev_questions[0]
+    pool = ExamplePool([replace(q, prompt=q.prompt.replace("\n", "\r\n").replace(" ", "  ")), *dev_questions[1:8]])
+    assert pool.contains(q.prompt)
+    assert all(e.line != q.line for e in pool.pick(q.prompt, "generation", 8))
 
 
 @needs_dev

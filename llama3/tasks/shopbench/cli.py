@@ -161,9 +161,14 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     max_new = {"generation": args.max_gen_len, "named_entity_recognition": args.max_gen_len} if args.max_gen_len else None
     constrain = not args.no_constrain
     try:
-        model = ShopBenchModel(load_llm(args), batch_size=args.batch_size, constrain=constrain,
-                               repair=not args.no_repair, temperature=args.temperature, top_p=args.top_p,
-                               max_new_tokens=max_new, recipe=recipe, examples=pool)
+        llm = load_llm(args)
+        try:
+            model = ShopBenchModel(llm, batch_size=args.batch_size, constrain=constrain, repair=not args.no_repair,
+                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+                                   recipe=recipe, examples=pool)
+        except ValueError as e:
+            print(f"error: {e}", file=err)
+            return 2
         evaluation = evaluate(model, questions, scorer=Scorer(), progress=not args.no_progress)
     except Llama3Error as e:
         print(f"error: {e}", file=err)

@@ -1,8 +1,8 @@
 """Few-shot examples for ShopBench prompts, chosen by a protocol that never shows a question its own answer.
 
 The pool is a labelled ShopBench file (``--examples``). For a question, the candidates are the pool's
-records routed to the same task type whose prompt is not the question's own (compared after stripping
-whitespace): evaluating the pool itself is therefore leave-one-out, and the report says so. Among the
+records routed to the same task type whose prompt is not the question's own (compared with whitespace runs
+collapsed): evaluating the pool itself is therefore leave-one-out, and the report says so. Among the
 candidates, those that share the question's instructions come first: ShopBench prompts of one task
 start with the same template, so the longest common prefix (in characters) ranks them, then the share
 of the question's words they contain, then their line number (deterministic). The chosen examples go
@@ -38,6 +38,11 @@ def gold_answer(question: Question) -> str:
     return truth if isinstance(truth, str) else truth[0]
 
 
+def _key(prompt: str) -> str:
+    """What "the same question" means: the prompt with its whitespace runs collapsed (CRLF, spacing)."""
+    return " ".join(prompt.split())
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -50,7 +55,7 @@ def _common_prefix(a: str, b: str) -> int:
 @dataclass(frozen=True)
 class _Example:
     question: Question
-    key: str  # the stripped prompt: what "the same question" means
+    key: str  # the prompt, whitespace collapsed: what "the same question" means
     task_type: str
     words: frozenset[str]
 
@@ -60,7 +65,7 @@ class ExamplePool:
 
     def __init__(self, questions: Sequence[Question]) -> None:
         self.examples = [
-            _Example(q, q.prompt.strip(), q.task_type or route(q.prompt, q.is_multiple_choice).task_type,
+            _Example(q, _key(q.prompt), q.task_type or route(q.prompt, q.is_multiple_choice).task_type,
                      frozenset(w.lower() for w in _WORD.findall(q.prompt)))
             for q in questions if q.labelled
         ]
@@ -72,7 +77,7 @@ class ExamplePool:
         """Up to ``k`` examples of routed type ``task_type`` for ``prompt``, never the prompt itself."""
         if k <= 0:
             return []
-        key = prompt.strip()
+        key = _key(prompt)
         words = frozenset(w.lower() for w in _WORD.findall(prompt))
         candidates = [e for e in self.examples if e.task_type == task_type and e.key != key]
         candidates.sort(key=lambda e: (-_common_prefix(e.key, key), -len(e.words & words) / max(len(words), 1),
@@ -81,7 +86,7 @@ class ExamplePool:
 
     def contains(self, prompt: str) -> bool:
         """Whether ``prompt`` is one of the pool's own records (its evaluation is then leave-one-out)."""
-        key = prompt.strip()
+        key = _key(prompt)
         return any(e.key == key for e in self.examples)
 
 

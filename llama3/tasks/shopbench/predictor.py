@@ -165,6 +165,10 @@ class ShopBenchModel:
         recipe = recipe or Recipe()
         self.recipe = recipe if constrain else replace(recipe, choice="generate", lists="generate",
                                                        entities="generate")
+        limit = getattr(llm, "max_seq_len", None)
+        if self.recipe.cot and limit is not None and self.recipe.cot_tokens > limit // 2:
+            raise ValueError(f"cot_tokens={self.recipe.cot_tokens} leaves too little of the context "
+                             f"(max_seq_len={limit}) for the question: at most {limit // 2}")
         if self.recipe.shots and (examples is None or not len(examples)):
             raise ValueError(f"shots={self.recipe.shots} needs a pool of labelled examples")
         self.examples = examples
