@@ -129,3 +129,19 @@ def test_sentence_transformer_matches_manual_mean_pooling():
     expected = float(torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0))
     assert got == pytest.approx(expected, abs=1e-4)
     assert scorer.score("sent-transformer", a, a) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_jp_bleu_equals_bleu_over_mecab_words():
+    """task17's jp-bleu: sacrebleu's ja-mecab BLEU equals plain BLEU over the words MeCab (IPAdic) splits out."""
+    MeCab = pytest.importorskip("MeCab")
+    ipadic = pytest.importorskip("ipadic")
+    from sacrebleu.metrics import BLEU
+
+    pred = "JEDirect iPad 9.7インチ ケース PUレザー 三つ折スタンド"
+    truth = "JEDirect iPad 9.7インチ (2018/2017 第6/5世代用) ケース PUレザー 三つ折スタンド オートスリープ機能"
+    tagger = MeCab.Tagger(ipadic.MECAB_ARGS + " -Owakati")
+    words = [tagger.parse(x).strip() for x in (pred, truth)]
+    want = BLEU(lowercase=True, tokenize="none").corpus_score([words[0]], [[words[1]]]).score / 100
+    scorer = Scorer()
+    assert scorer.unavailable("jp-bleu") is None
+    assert abs(scorer.score("jp-bleu", pred, truth) - want) < 1e-9 and 0 < want < 1
