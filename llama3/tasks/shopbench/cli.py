@@ -119,7 +119,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     if not cot <= set(TASK_TYPES):
         raise ValueError(f"--cot: unknown task type(s) {', '.join(sorted(cot - set(TASK_TYPES)))} "
                          f"(expected {', '.join(TASK_TYPES)}, all or none)")
-    return Recipe(choice=args.choice, lists=args.lists, entities=args.entities, cot=cot, cot_tokens=args.cot_tokens, shots=args.shots)
+    return Recipe(choice=args.choice, lists=args.lists, entities=args.entities, cot=cot, cot_tokens=args.cot_tokens,
+                  shots=args.shots)
 
 
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -258,10 +259,9 @@ class ShopBenchModel:
         shots = self.examples.pick(prompt, r.task_type, self.recipe.shots) if self.recipe.shots else []
         dialog = build_dialog(prompt, r, examples=[(q.prompt, gold_answer(q)) for q in shots], cot=cot)
         tokens = list(self.tokenizer.encode_dialog_prompt(dialog, add_generation_prompt=True))
-        key = (r.task_type, r.pick, r.options, cot, tuple(q.line for q in shots))
+        key = tuple((turn["role"], turn["content"]) for turn in dialog[:-1])
         if key not in self._prefixes:
-            before = self.tokenizer.encode_dialog_prompt(dialog[:-1], add_generation_prompt=False)
-            self._prefixes[key] = list(before)
+            self._prefixes[key] = list(self.tokenizer.encode_dialog_prompt(dialog[:-1], add_generation_prompt=False))
         before = self._prefixes[key]
         shared = 0
         while shared < min(len(before), len(tokens)) and before[shared] == tokens[shared]:
@@ -278,7 +278,7 @@ class ShopBenchModel:
         if options:
             processors, grammar, max_new = None, None, max(len(o) for o in options)
         # Room for the reasoning and its cue before the answer.
-        reserve = max_new + (self.recipe.cot_tokens + len(self._cue()) if cot else 0)
+        reserve = max_new + (self.recipe.cot_tokens + len(self._cue) if cot else 0)
         truncated = False
         limit = getattr(self.llm, "max_seq_len", None)
         if limit is not None and len(tokens) + reserve > limit:
@@ -291,6 +291,7 @@ class ShopBenchModel:
         return _Job(index, r, tokens, max_new, processors, grammar, truncated, scoring if options else "generate",
                     labels, options, examples=shown, shared=shared, prompt_tokens=len(tokens))
 
+    @cached_property
     def _cue(self) -> list[int]:
         return self.tokenizer.encode(COT_CUE, bos=False, eos=False)
 
@@ -302,7 +303,7 @@ class ShopBenchModel:
             return
         specs = [GenerationSpec(j.tokens, self.recipe.cot_tokens, params, skip_special=False, shared_prefix=j.shared)
                  for j in jobs]
-        cue = self._cue()
+        cue = self._cue
         for job, seq in zip(jobs, self.llm.run(specs)):
             ids = seq.kept_tokens()
             job.reasoning = self.tokenizer.decode(ids)
@@ -345,10 +346,12 @@ class ShopBenchModel:
             scores = [sum(lp) / len(lp) if job.scoring == "text-mean" else sum(lp) for lp in logprobs]
             # Best first; ties keep label order.
             ranked = [job.labels[i] for i in sorted(range(len(scores)), key=lambda i: -scores[i])]
-            r = job.route
-            chosen = ranked[:1] if r.task_type in ("multiple-choice", "named_entity_recognition") else (
-                ranked[: min(r.pick or 3, len(ranked))] if r.task_type == "retrieval" else ranked)
-            raw = response = ",".join(map(str, chosen))
+            kind = job.route.task_type
+            if kind in ("multiple-choice", "named_entity_recognition"):
+                ranked = ranked[:1]
+            elif kind == "retrieval":
+                ranked = ranked[: job.route.pick or 3]
+            raw = response = ",".join(map(str, ranked))
             generated = 0
         else:
             ids = seq.kept_tokens()
